@@ -1,0 +1,52 @@
+# The course in two commands:  make course  (set up + run the tiny course)  and  make test.
+# Every target bootstraps what it needs; a second run only redoes what changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PROFILE ?= tiny
+NAME ?= $(PROFILE)
+RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/pyproject.toml
+
+.PHONY: setup course test lab export clean-nbs bench help
+help:
+	@echo "make course   set up .venv and run the whole course headless (PROFILE=$(PROFILE))"
+	@echo "make test     set up .venv and run the test suite"
+	@echo "make lab      open JupyterLab on notebooks/"
+	@echo "make export   regenerate nanochat_lib/ from the notebooks (nbdev-export) and clean them"
+	@echo "make bench    tokenizer benchmark: ours vs rustbpe vs HF tokenizers"
+
+setup: $(VENV)/.deps $(VENV)/.rust $(VENV)/.kernel
+
+$(VENV)/.deps: pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"' || exit 1
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+$(VENV)/.rust: $(VENV)/.deps $(RUST_SRC)
+	@command -v cargo >/dev/null || { echo "error: cargo not found; install a Rust toolchain (rustup) first"; exit 1; }
+	VIRTUAL_ENV=$(abspath $(VENV)) $(VENV)/bin/maturin develop --release -q -m rustbpe/Cargo.toml
+	@touch $@
+
+$(VENV)/.kernel: $(VENV)/.deps
+	$(PY) -m ipykernel install --sys-prefix --name nanochat --display-name "Python (nanochat)" >/dev/null
+	@touch $@
+
+course: setup
+	$(PY) run_all.py --profile $(PROFILE) --name $(NAME)
+
+test: setup
+	cargo test -q --manifest-path rustbpe/Cargo.toml
+	$(PY) -m pytest -q
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+export: $(VENV)/.deps
+	$(VENV)/bin/nbdev-export
+	$(VENV)/bin/nbdev-clean
+
+bench: setup
+	$(PY) -m nanochat_lib.bench tokenizer
