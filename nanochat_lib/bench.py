@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['TRAINERS', 'iter_text_file', 'load_documents', 'train_once', 'tokens_digest', 'peak_rss_mb', 'run_worker', 'measure',
-           'bench_tokenizer', 'tokenizer_table', 'build_parser', 'main']
+           'bench_tokenizer', 'tokenizer_table', 'bench_train', 'train_table', 'build_parser', 'main']
 
 # %% ../notebooks/90_bench.ipynb #46aed201
 import argparse, hashlib, json, os, resource, subprocess, sys, tempfile, time
@@ -150,6 +150,52 @@ def tokenizer_table(rows: list) -> str:
     return "\n".join(lines)
 
 # %% ../notebooks/90_bench.ipynb #7ee88c2f
+def bench_train(profile: str = "tiny", steps: int = 6, overrides=None, vocab_size: int = None) -> dict:
+    "Model FLOP/s of the profile's training step vs measured matmul FLOP/s, in one process, side by side."
+    import torch
+    from nanochat_lib.core import get_device, load_profile
+    from nanochat_lib.model import build_model, setup_optimizers
+    from nanochat_lib.pretrain import make_plan, matmul_flops
+    cfg = load_profile(profile, overrides)
+    dev = get_device(cfg["device"])
+    vocab = vocab_size or int(cfg["tok_vocab_size"])
+    plan = make_plan(cfg, vocab, world_size=1)
+    B, T, accum = int(cfg["device_batch_size"]), int(cfg["max_seq_len"]), plan["grad_accum_steps"]
+    torch.manual_seed(0)
+    model = build_model(plan["config"], dev)
+    opts = setup_optimizers(model, distributed=False)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, vocab, (B, T + 1), generator=g).to(dev) for _ in range(accum)]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    def step():
+        for b in batches: model(b[:, :-1], b[:, 1:]).div(accum).backward()
+        for o in opts: o.step()
+        model.zero_grad(set_to_none=True)
+    mm_before = matmul_flops(dev)
+    step(); step(); sync()                                  # warm-up: allocator, threads
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter(); step(); sync(); times.append(time.perf_counter() - t0)
+    mm_after = matmul_flops(dev)
+    tokens = B * T * accum
+    best = min(times)
+    model_flops = plan["flops_per_token"] * tokens / best
+    peak = max(mm_before, mm_after)
+    return dict(profile=profile, device=str(dev), params=plan["num_params"], flops_per_token=plan["flops_per_token"],
+                tokens_per_step=tokens, step_seconds=best, tok_per_sec=tokens / best, model_flops=model_flops,
+                matmul_flops_before=mm_before, matmul_flops_after=mm_after, ratio=model_flops / peak)
+
+def train_table(r: dict) -> str:
+    "The training-throughput result as text."
+    return "\n".join([
+        f"profile {r['profile']} on {r['device']}: {r['params']:,} params, {r['flops_per_token']:.3e} FLOPs/token, "
+        f"{r['tokens_per_step']:,} tokens/step",
+        f"  training step (best)   {r['step_seconds']*1e3:9.1f} ms   {r['tok_per_sec']:12,.0f} tok/s",
+        f"  model FLOP/s           {r['model_flops']/1e9:9.1f} GFLOP/s",
+        f"  fp32 matmul FLOP/s     {r['matmul_flops_before']/1e9:9.1f} GFLOP/s before, {r['matmul_flops_after']/1e9:.1f} after",
+        f"  model / matmul         {r['ratio']:9.2f}   (the CPU's MFU; target >= 0.50)"])
+
+# %% ../notebooks/90_bench.ipynb #9d71509e
 def _ints(s: str) -> tuple:
     "'4096,32768' -> (4096, 32768)"
     try: return tuple(int(x.replace("_", "")) for x in s.split(",") if x.strip())
@@ -158,7 +204,7 @@ def _ints(s: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nanochat_lib.bench",
                                  description="Benchmarks of the course's components against peers, side by side.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{tokenizer}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{tokenizer,train}")
     tk = sub.add_parser("tokenizer", help="BPE training: ours vs rustbpe vs HF tokenizers")
     tk.add_argument("--vocab-sizes", type=_ints, default=(4096, 32768), help="comma separated (default 4096,32768)")
     tk.add_argument("--max-chars", type=int, default=None, help="characters of text to train on (default: all)")
@@ -168,6 +214,10 @@ def build_parser() -> argparse.ArgumentParser:
     tk.add_argument("--pattern", default=None, help="split pattern (default nanochat_rustbpe.DEFAULT_PATTERN)")
     tk.add_argument("--trainers", default=",".join(TRAINERS), help=f"comma separated subset of {','.join(TRAINERS)}")
     tk.add_argument("--repeat", type=int, default=3, help="runs per trainer; the fastest counts (default 3)")
+    tr = sub.add_parser("train", help="training step FLOP/s vs fp32 matmul FLOP/s on this machine")
+    tr.add_argument("--profile", default="tiny", help="settings.ini profile whose model to train (default tiny)")
+    tr.add_argument("--steps", type=int, default=6, help="timed steps; the fastest counts (default 6)")
+    tr.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     wk = sub.add_parser("worker")  # internal: one training run in a child process
     for a in ("trainer", "docs_file", "vocab_size", "pattern"): wk.add_argument(a)
     return ap
@@ -177,6 +227,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.command == "worker":
         print(json.dumps(run_worker(args.trainer, args.docs_file, int(args.vocab_size), args.pattern)))
+        return
+    if args.command == "train":
+        from nanochat_lib.core import parse_overrides
+        print(train_table(bench_train(args.profile, args.steps, parse_overrides(args.sets))))
         return
     if args.command == "tokenizer":
         trainers = tuple(t.strip() for t in args.trainers.split(",") if t.strip())

@@ -92,7 +92,7 @@ def load_checkpoint(step_dir, model=None, optimizers=(), rank: int = 0, map_loca
     if model is not None:
         model.load_state_dict(torch.load(step_dir/"model.pt", map_location=map_location, weights_only=True))
     rank_file = step_dir/f"rank{rank}.pt"
-    if not optimizers and not rank_file.exists(): return meta, {}
+    if not optimizers and model is not None: return meta, {}   # weights only (inference, evaluation)
     if not rank_file.exists():
         raise FileNotFoundError(f"{rank_file} missing: the checkpoint was written by {meta.get('world_size')} ranks; "
                                 f"resume with the same number of processes")

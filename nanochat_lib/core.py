@@ -169,7 +169,8 @@ def torchrun_command(module: str, args=(), cfg=None) -> list:
     else:
         cmd += ["--standalone", "--nnodes=1"]
     mod = module if module.startswith("nanochat_lib.") else f"nanochat_lib.{module}"
-    return cmd + ["-m", mod, *map(str, args)]
+    # "--" ends torchrun's own options: without it torchrun would take e.g. `--run` for its `--run-path`.
+    return cmd + ["-m", mod, "--", *map(str, args)]
 
 def torchrun(module: str, args=(), cfg=None, log_path=None, env=None, tail_lines: int = 40) -> str:
     "Run a training module under torchrun, stream its output here, keep a log; raise `LaunchError` on failure."

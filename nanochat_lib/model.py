@@ -4,7 +4,7 @@
 
 # %% auto #0
 __all__ = ['GPTConfig', 'rms_norm', 'rope_tables', 'apply_rope', 'sliding_window_mask', 'CausalSelfAttention', 'MLP', 'Block',
-           'GPT', 'build_model', 'param_count_formula', 'attention_flops_per_token', 'flops_per_token',
+           'head_loss', 'GPT', 'build_model', 'param_count_formula', 'attention_flops_per_token', 'flops_per_token',
            'setup_optimizers', 'training_plan']
 
 # %% ../notebooks/03_model.ipynb #4aed3403
@@ -137,6 +137,45 @@ class Block(nn.Module):
         x = x + self.attn(rms_norm(x), cos, sin, mask)
         return x + self.mlp(rms_norm(x))
 
+# %% ../notebooks/03_model.ipynb #a9eee8e9
+class _HeadLoss(torch.autograd.Function):
+    "Mean soft-capped cross-entropy of `x @ weight.T` (targets -1 ignored), gradients computed chunk by chunk."
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk):
+        valid_all = targets >= 0
+        n_valid = valid_all.sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        gx, gw = torch.empty_like(x), torch.zeros_like(weight)
+        for s in range(0, x.shape[0], chunk):
+            xs, ts, valid = x[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
+            safe = torch.where(valid, ts, 0)
+            logits = xs @ weight.t()
+            if softcap:
+                t = logits.div_(softcap).tanh_()              # in place: one buffer per chunk
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            g = logits.sub_(lse[:, None]).exp_()              # softmax, reusing the logits buffer
+            g.scatter_add_(1, safe[:, None], -valid.to(g.dtype)[:, None])
+            g.mul_(valid.to(g.dtype)[:, None])
+            if softcap: g.mul_(t.square_().neg_().add_(1.0))  # d/dz softcap·tanh(z/softcap) = 1 - tanh²
+            gx[s:s + chunk] = g @ weight
+            gw.addmm_(g.t(), xs)
+        ctx.save_for_backward(gx, gw, n_valid)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw, n_valid = ctx.saved_tensors
+        scale = grad / n_valid
+        return gx * scale, gw * scale, None, None, None
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = None,
+              chunk: int = 512) -> torch.Tensor:
+    "Mean cross-entropy of soft-capped logits `x @ weight.T` against `targets` (-1 ignored), fused and chunked."
+    return _HeadLoss.apply(x, weight, targets, softcap, chunk)
+
 # %% ../notebooks/03_model.ipynb #b5d966b7
 class GPT(nn.Module):
     "The nanochat-style GPT. Build on the meta device, then `to_empty` and `init_weights` (see `build_model`)."
@@ -178,12 +217,20 @@ class GPT(nn.Module):
         x = rms_norm(self.wte(idx))
         for block in self.blocks:
             x = block(x, cos, sin, mask)
+        if targets is not None and loss_reduction == "mean" and self.fused_head_loss(x):
+            return head_loss(rms_norm(x).view(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
+                             self.config.softcap)
         logits = self.head(x)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1,
                                reduction=loss_reduction)
         return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def fused_head_loss(self, x: torch.Tensor) -> bool:
+        "Use the chunked head+loss (2.5)? On CPUs while training in fp32; GPUs keep the plain path for torch.compile."
+        return x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype == torch.float32 \
+               and not torch.is_autocast_enabled("cpu")
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         "Soft-capped fp32 logits from the last block's output x (B, T, C): final norm, lm_head, cap."

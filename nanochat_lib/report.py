@@ -36,8 +36,8 @@ def atomic_write_json(path, obj):
 SUMMARY_COLUMNS = ("BASE", "MID", "SFT", "RL")
 SUMMARY_ROWS = ("CORE", "ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE")
 # Sections appear in pipeline order; stages not listed here follow, in the order they were recorded.
-STAGE_ORDER = ("environment", "corpus", "tokenizer", "data", "base", "core_eval", "mid", "chat_eval_mid",
-               "sft", "chat_eval_sft", "rl", "chat_eval_rl", "serving")
+STAGE_ORDER = ("environment", "corpus", "tokenizer", "data", "base", "core_eval", "tasks", "mid", "chat_eval_mid",
+               "sft", "chat_eval_sft", "rl", "chat_eval_rl", "engine", "serving")
 
 def record_stage(rdir, stage: str, title: str, metrics: dict, markdown: str = "", plots=(),
                  summary: dict = None, column: str = None) -> Path:
@@ -60,6 +60,7 @@ def record_stage(rdir, stage: str, title: str, metrics: dict, markdown: str = ""
 def load_stages(rdir) -> list:
     "The recorded stages of a run, in pipeline order."
     recs = [json.loads(p.read_text()) for p in sorted((Path(rdir)/"metrics").glob("*.json"))]
+    recs = [r for r in recs if isinstance(r, dict) and "stage" in r]   # other JSON there (e.g. trainers' summaries)
     rank = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(recs, key=lambda r: (rank.get(r["stage"], len(rank)), r["timestamp"]))
 

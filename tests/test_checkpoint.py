@@ -94,3 +94,12 @@ def test_two_ranks_write_and_read_their_own_shards(tmp_path):
     d = latest_checkpoint(tmp_path)
     assert sorted(p.name for p in d.iterdir()) == ["meta.json", "model.pt", "rank0.pt", "rank1.pt"]
     assert read_meta(d)["world_size"] == 2
+
+
+def test_weights_only_load_needs_no_optimizers(tmp_path):
+    m, opts = make()
+    d = save_checkpoint(tmp_path, 5, m, opts, meta={"phase": "base"})
+    m2, _ = make(seed=3)
+    meta, rs = load_checkpoint(d, m2)
+    assert meta["phase"] == "base" and rs == {}
+    assert all(torch.equal(a, b) for a, b in zip(m.state_dict().values(), m2.state_dict().values()))

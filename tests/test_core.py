@@ -93,11 +93,11 @@ def test_torchrun_command_single_and_multi_node():
     cmd = torchrun_command("pretrain", ["--depth", 4], {"nproc_per_node": 2, "nnodes": 1})
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in cmd and "--standalone" in cmd
-    assert cmd[-4:] == ["-m", "nanochat_lib.pretrain", "--depth", "4"]
+    assert cmd[-5:] == ["-m", "nanochat_lib.pretrain", "--", "--depth", "4"]
     multi = torchrun_command("nanochat_lib.sft", [], dict(nproc_per_node=8, nnodes=2, node_rank=1,
                                                           rdzv_endpoint="node0:29500", rdzv_backend="c10d"))
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500", "--rdzv_backend=c10d"} <= set(multi)
-    assert "--standalone" not in multi and multi[-1] == "nanochat_lib.sft"
+    assert "--standalone" not in multi and multi[-2:] == ["nanochat_lib.sft", "--"]
     with pytest.raises(ValueError, match="rdzv_endpoint"):
         torchrun_command("x", [], {"nnodes": 2})
 
@@ -122,3 +122,9 @@ def test_dist_setup_without_torchrun_is_a_world_of_one(monkeypatch):
     info = core.dist_setup("cpu")
     assert (info.rank, info.world_size, info.is_master, info.distributed) == (0, 1, True, False)
     core.dist_teardown()
+
+
+def test_trainer_options_reach_the_module_not_torchrun(tmp_path):
+    "torchrun would take `--run` for its own `--run-path`: everything after the module must reach the module."
+    out = torchrun("core", ["--run", "x", "--nproc_per_node", "3"], {"nproc_per_node": 1}, env={"NANOCHAT_DEVICE": "cpu"})
+    assert "world_size=1 sum_of_ranks=0" in out

@@ -57,3 +57,15 @@ def test_report_has_corpus_and_data_sections(tiny_run):
     uni, bi = metric(report, "val bpb: unigram"), metric(report, "val bpb: bigram")
     assert 0 < bi < uni < 8                      # the bigram knows more than the unigram
     assert "| Metric | BASE | MID | SFT | RL |" in report and "Total wall clock time:" in report
+
+
+def test_report_has_the_base_model_section(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "## Base model (pretraining)" in report
+    val, uni, bi = metric(report, "val_bpb"), metric(report, "unigram_bpb"), metric(report, "bigram_bpb")
+    assert val < 0.9 * bi < bi < uni                   # the tiny target: at most 0.9 x the bigram baseline
+    assert metric(report, "tok_per_sec") > 0 and 0 < metric(report, "mfu") <= 1.5
+    assert re.search(r"^\| CORE \(offline, \d+ tasks.*\) \| -?[\d.]+ \| - \| - \| - \|$", report, re.M)
+    assert (tiny_run / "plots" / "base_loss.png").exists()
+    ckpt = tiny_run / "checkpoints" / "base"
+    assert (ckpt / "latest").exists() and json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"] > 0
