@@ -69,3 +69,13 @@ def test_report_has_the_base_model_section(tiny_run):
     assert (tiny_run / "plots" / "base_loss.png").exists()
     ckpt = tiny_run / "checkpoints" / "base"
     assert (ckpt / "latest").exists() and json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"] > 0
+
+
+def test_chat_stages_fill_mid_and_sft_columns(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    for row in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"):
+        assert re.search(rf"^\| {row} \| - \| -?[\d.]+ \| -?[\d.]+ \| - \|$", report, re.M), row
+    sft = json.loads((tiny_run / "metrics" / "chat_eval_sft.json").read_text())["metrics"]
+    assert sft["valid letter rate (all multiple choice)"] >= 0.95      # the format target after SFT
+    assert sft["assistant_end rate (all multiple choice)"] >= 0.95
+    assert "subset" in sft["ARC-Easy problems"]                           # a subset says so
