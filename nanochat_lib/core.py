@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'profile_names', 'load_profile', 'parse_overrides', 'list_setting',
-           'get_device', 'compute_dtype', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'LaunchError',
-           'torchrun_command', 'torchrun', 'selftest_main']
+           'get_device', 'compute_dtype', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process',
+           'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
 import ast, configparser, os, subprocess, sys, time, collections
@@ -150,6 +150,21 @@ def dist_teardown():
 def print0(*args, **kwargs):
     "print, from rank 0 only."
     if int(os.environ.get("RANK", 0)) == 0: print(*args, **kwargs, flush=True)
+
+def training_process(cfg: dict) -> DistInfo:
+    "Start a training process from a profile: the process group, the seed (same weights on every rank), TF32 on CUDA."
+    info = dist_setup(cfg["device"])
+    torch.manual_seed(int(cfg["seed"]))
+    if info.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
+    return info
+
+def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
+    "A tqdm bar for training loops; in a log or a notebook cell (not a terminal) it prints a line every few seconds."
+    if not enabled: return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, mininterval=0.5 if sys.stdout.isatty() else 5,
+                file=sys.stdout, dynamic_ncols=True)
 
 # %% ../notebooks/00_core.ipynb #3d969a0a
 class LaunchError(RuntimeError):

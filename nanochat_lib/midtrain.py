@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from .core import compute_dtype, dist_setup, dist_teardown, load_profile, parse_overrides, print0, run_dir
+from .core import (compute_dtype, dist_teardown, load_profile, parse_overrides, print0,
+                               progress_bar, run_dir, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DocBuffer
 from .model import setup_optimizers
@@ -215,21 +216,13 @@ def _autocast(dev):
     compute = compute_dtype(dev)
     return torch.autocast(dev.type, dtype=compute) if compute != torch.float32 else contextlib.nullcontext()
 
-def _progress_bar(enabled: bool, total: int, initial: int, desc: str):
-    if not enabled: return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, mininterval=5 if not sys.stdout.isatty() else 0.5,
-                file=sys.stdout, dynamic_ncols=True)
-
 # %% ../notebooks/05_midtraining.ipynb #ab88ae6e
 def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=None, val_tasks=None,
              phase: str = "mid", source: str = "base") -> dict:
     "Mid-train the `source` model of run folder `rdir` on chat data; every rank calls this. Returns the summary."
     rdir = Path(rdir)
-    info = dist_setup(cfg["device"])
+    info = training_process(cfg)
     master, dev, W = info.is_master, info.device, info.world_size
-    torch.manual_seed(int(cfg["seed"]))
-    if dev.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     model, tok, src_meta = load_model(rdir, source, dev)
     model.train()
     B, T = int(cfg["device_batch_size"]), int(cfg["max_seq_len"])
@@ -278,7 +271,7 @@ def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_t
 
     packer_state = packer.state_dict()               # position before the batch we are about to take
     x, y = next(packer)
-    bar = _progress_bar(master, steps, step, phase)
+    bar = progress_bar(steps, step, phase, enabled=master)
     t_loop = time.time()
     while True:
         last = step == steps

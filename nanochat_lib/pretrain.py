@@ -10,8 +10,8 @@ __all__ = ['GPU_PEAK_FLOPS', 'SAMPLE_PROMPTS', 'make_plan', 'peak_flops', 'matmu
 import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 import torch
-from .core import (compute_dtype, dist_setup, dist_teardown, get_device, load_profile, parse_overrides,
-                               print0, run_dir)
+from .core import (compute_dtype, dist_teardown, get_device, load_profile, parse_overrides, print0,
+                               progress_bar, run_dir, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
@@ -105,10 +105,8 @@ def pretrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, shard_d
     from nanochat_lib.tokenizer import Tokenizer
     from nanochat_lib import corpus
     rdir = Path(rdir)
-    info = dist_setup(cfg["device"])
+    info = training_process(cfg)
     master, dev = info.is_master, info.device
-    torch.manual_seed(int(cfg["seed"]))                     # the same initial weights on every rank
-    if dev.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     tok = Tokenizer.load(rdir/"tokenizer")
     if shard_dir is None:
         if master: shard_dir = corpus.ensure_corpus(cfg)     # downloads once, on rank 0 ...
@@ -157,11 +155,7 @@ def pretrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, shard_d
     results = dict(core=None)
     loader_state = train_loader.state_dict()                # position before the batch we are about to take
     x, y = next(train_loader)
-    bar = None
-    if master:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=steps, initial=step, desc=phase, mininterval=5 if not sys.stdout.isatty() else 0.5,
-                   file=sys.stdout, dynamic_ncols=True)
+    bar = progress_bar(steps, step, phase, enabled=master)
     t_loop = time.time()
     while True:
         last = step == steps

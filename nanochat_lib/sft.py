@@ -9,9 +9,9 @@ __all__ = ['ConversationStream', 'sft_accumulation', 'sft', 'main']
 import json, sys, time
 from pathlib import Path
 import torch
-from .core import dist_setup, dist_teardown, load_profile, parse_overrides, print0, run_dir
+from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .midtrain import (_autocast, _build_tasks, _progress_bar, _sum_over_ranks, chat_val_loss,
+from .midtrain import (_autocast, _build_tasks, _sum_over_ranks, chat_val_loss,
                                    conversation_example, make_chat_optimizers, pad_batch, stage_parser, val_examples)
 from .model_io import load_model
 from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
@@ -73,10 +73,8 @@ def sft(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=
         phase: str = "sft", source: str = "mid") -> dict:
     "Fine-tune the `source` model of run folder `rdir` one conversation per row; every rank calls this. Returns the summary."
     rdir = Path(rdir)
-    info = dist_setup(cfg["device"])
+    info = training_process(cfg)
     master, dev, W = info.is_master, info.device, info.world_size
-    torch.manual_seed(int(cfg["seed"]))
-    if dev.type == "cuda": torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     model, tok, src_meta = load_model(rdir, source, dev)
     model.train()
     T, Bc = int(cfg["max_seq_len"]), int(cfg["sft_device_batch_size"])
@@ -112,7 +110,7 @@ def sft(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=
         model.train()
         return out["loss"]
 
-    bar = _progress_bar(master, steps, step, phase)
+    bar = progress_bar(steps, step, phase, enabled=master)
     t_loop = time.time()
     while True:
         last = step == steps
