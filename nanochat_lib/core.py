@@ -5,10 +5,10 @@
 # %% auto #0
 __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'profile_names', 'load_profile', 'parse_overrides', 'list_setting',
            'get_device', 'compute_dtype', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process',
-           'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
+           'stage_parser', 'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
-import ast, configparser, os, subprocess, sys, time, collections
+import argparse, ast, configparser, os, subprocess, sys, time, collections
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,6 +158,16 @@ def training_process(cfg: dict) -> DistInfo:
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     return info
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    "The training stages' common command line: --profile, --run, --set KEY=VALUE (repeatable), --resume, --stop-at."
+    ap = argparse.ArgumentParser(prog=prog, description=description)
+    ap.add_argument("--profile", default="tiny", help="settings.ini section")
+    ap.add_argument("--run", required=True, help="run folder name under runs/")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
+    ap.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop after this step (for resume demos)")
+    return ap
 
 def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
     "A tqdm bar for training loops; in a log or a notebook cell (not a terminal) it prints a line every few seconds."

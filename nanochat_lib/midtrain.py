@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['conversation_example', 'shift_targets', 'best_fit_padded_row', 'pack_examples', 'rows_to_batch', 'ChatPacker',
            'pad_batch', 'chat_val_loss', 'val_examples', 'estimate_epoch_steps', 'make_chat_optimizers', 'midtrain',
-           'stage_parser', 'main']
+           'main']
 
 # %% ../notebooks/05_midtraining.ipynb #3d80a190
 import argparse, contextlib, json, math, sys, time
@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import (compute_dtype, dist_teardown, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, training_process)
+                               progress_bar, run_dir, stage_parser, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DocBuffer
 from .model import setup_optimizers
@@ -332,16 +332,6 @@ def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_t
     return summary
 
 # %% ../notebooks/05_midtraining.ipynb #4af3b7e4
-def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    "The trainers' common command line: --profile, --run, --set KEY=VALUE (repeatable), --resume, --stop-at."
-    ap = argparse.ArgumentParser(prog=prog, description=description)
-    ap.add_argument("--profile", default="tiny", help="settings.ini section")
-    ap.add_argument("--run", required=True, help="run folder name under runs/")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
-    ap.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop after this step (for resume demos)")
-    return ap
-
 def main(argv=None):
     args = stage_parser("python -m nanochat_lib.midtrain", "Mid-train a run's base model on chat data.").parse_args(argv)
     cfg = load_profile(args.profile, parse_overrides(args.sets))

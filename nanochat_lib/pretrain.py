@@ -11,7 +11,7 @@ import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 import torch
 from .core import (compute_dtype, dist_teardown, get_device, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, training_process)
+                               progress_bar, run_dir, stage_parser, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
@@ -239,13 +239,7 @@ def pretrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, shard_d
 
 # %% ../notebooks/04_pretraining.ipynb #f489b0ad
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m nanochat_lib.pretrain", description="Pretrain the base model of a run.")
-    ap.add_argument("--profile", default="tiny", help="settings.ini section")
-    ap.add_argument("--run", required=True, help="run folder name under runs/ (it must hold tokenizer/)")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    ap.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop after this step (for resume demos)")
-    args = ap.parse_args(argv)
+    args = stage_parser("python -m nanochat_lib.pretrain", "Pretrain the base model of a run (it must hold tokenizer/).").parse_args(argv)
     cfg = load_profile(args.profile, parse_overrides(args.sets))
     pretrain(cfg, run_dir(args.run), resume=args.resume, stop_at=args.stop_at)
 

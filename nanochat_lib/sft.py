@@ -9,10 +9,10 @@ __all__ = ['ConversationStream', 'sft_accumulation', 'sft', 'main']
 import json, sys, time
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, training_process
+from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, stage_parser, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .midtrain import (_autocast, _build_tasks, _sum_over_ranks, chat_val_loss,
-                                   conversation_example, make_chat_optimizers, pad_batch, stage_parser, val_examples)
+                                   conversation_example, make_chat_optimizers, pad_batch, val_examples)
 from .model_io import load_model
 from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
 from .pretrain import MetricsLog, _ema_debiased, train_args
