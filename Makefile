@@ -8,7 +8,7 @@ PROFILE ?= tiny
 NAME ?= $(PROFILE)
 RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/Cargo.lock rustbpe/pyproject.toml rustbpe/nanochat_rustbpe.pyi
 
-.PHONY: setup course test lab export clean-nbs bench help
+.PHONY: setup browser course test lab export clean-nbs bench help
 help:
 	@echo "make course   set up .venv and run the whole course headless (PROFILE=$(PROFILE))"
 	@echo "make test     set up .venv and run the test suite"
@@ -17,6 +17,7 @@ help:
 	@echo "make bench    tokenizer benchmark: ours vs rustbpe vs HF tokenizers"
 
 setup: $(VENV)/.deps $(VENV)/.rust $(VENV)/.kernel
+APT_GET := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
 
 $(VENV)/.deps: pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required"' || exit 1
@@ -34,10 +35,15 @@ $(VENV)/.kernel: $(VENV)/.deps
 	$(PY) -m ipykernel install --sys-prefix --name nanochat --display-name "Python (nanochat)" >/dev/null
 	@touch $@
 
+# The browser tests drive Debian's Chromium with Playwright (Playwright's own browser download needs the internet).
+browser:
+	@command -v chromium >/dev/null || { $(APT_GET) update -qq && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -qq --no-install-recommends chromium >/dev/null; }
+	@command -v chromium >/dev/null || { echo "error: chromium is missing; install Debian's chromium package"; exit 1; }
+
 course: setup
 	$(PY) run_all.py --profile $(PROFILE) --name $(NAME)
 
-test: setup
+test: setup browser
 	cargo test -q --manifest-path rustbpe/Cargo.toml
 	$(PY) -m pytest -q
 

@@ -68,6 +68,22 @@ def run_notebook(nb: Path, out: Path, params: dict, log_output: bool):
                         progress_bar=True, log_output=log_output, request_save_on_cell_execute=True)
 
 
+def print_plan(plan: list, cfg: dict):
+    "The notebooks that would run, and the run's estimated compute, time, cost, disk and download."
+    from nanochat_lib.pretrain import run_estimate
+    for nb in plan: print(f"  would run {nb.stem}")
+    e = run_estimate(cfg)
+    p = e["plan"]
+    where = f"{e['devices']} x {cfg['device']}" if e["devices"] > 1 else cfg["device"]
+    print(f"model: d{cfg['depth']}, {p['num_params']:,} parameters, {p['num_iterations']:,} pretraining steps x "
+          f"{p['total_batch_size']:,} tokens")
+    print(f"compute: {e['flops']:.2e} FLOPs of pretraining (the later stages add a few percent)")
+    print(f"time: ~{e['hours'] * 60:.0f} min on {where}" + (f", ~${e['usd']:,.0f}" if e["usd"] else ""))
+    print(f"download: ~{sum(e['download_mb'].values()):,.0f} MB (" +
+          ", ".join(f"{k} {v:,.0f} MB" for k, v in e["download_mb"].items()) + ")")
+    print(f"disk: ~{e['disk_mb']:,.0f} MB (downloads + checkpoints {e['checkpoint_mb']:,.0f} MB)")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -95,7 +111,7 @@ def main(argv=None) -> int:
     print(f"profile {args.profile} -> runs/{name}/  ({len(plan)} notebooks)")
     for k, v in overrides.items(): print(f"  --set {k}={v}")
     if args.dry_run:
-        for nb in plan: print(f"  would run {nb.stem}")
+        print_plan(plan, cfg)
         return 0
 
     rdir = run_dir(name)

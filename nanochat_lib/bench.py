@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['TRAINERS', 'iter_text_file', 'load_documents', 'train_once', 'tokens_digest', 'peak_rss_mb', 'run_worker', 'measure',
-           'bench_tokenizer', 'tokenizer_table', 'bench_train', 'train_table', 'build_parser', 'main']
+           'bench_tokenizer', 'tokenizer_table', 'bench_train', 'train_table', 'copy_bandwidth', 'bench_infer',
+           'infer_table', 'build_parser', 'main']
 
 # %% ../notebooks/90_bench.ipynb #46aed201
 import argparse, hashlib, json, os, resource, subprocess, sys, tempfile, time
@@ -196,6 +197,105 @@ def train_table(r: dict) -> str:
         f"  model / matmul         {r['ratio']:9.2f}   (the CPU's MFU; target >= 0.50)"])
 
 # %% ../notebooks/90_bench.ipynb #9d71509e
+def copy_bandwidth(device, nbytes: int = None, repeats: int = 5) -> float:
+    "Bytes per second of a large on-device tensor copy, counting the bytes read and written (best of `repeats`)."
+    import torch
+    device = torch.device(device)
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 27)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dst.copy_(src); sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter(); dst.copy_(src); sync(); best = min(best, time.perf_counter() - t0)
+    return 2 * src.numel() * 4 / best
+
+def _decode_seconds(model, how: str, batch: int, prompt, new_tokens: int, sync) -> float:
+    "Seconds for `new_tokens` greedy steps at `batch` rows after `prompt` (1, T): how = cache | naive | a StaticDecoder mode."
+    import torch
+    from nanochat_lib.engine import KVCache, StaticDecoder, forward_cached
+    T = prompt.size(1)
+    with torch.no_grad():
+        if how == "naive":
+            ids = prompt.expand(batch, -1)
+            sync(); t0 = time.perf_counter()
+            for _ in range(new_tokens): ids = torch.cat((ids, model(ids)[:, -1].argmax(-1, keepdim=True)), 1)
+            sync(); return time.perf_counter() - t0
+        if how == "cache":
+            one = KVCache.for_model(model, 1, T)
+            nxt = forward_cached(model, prompt, one, last_only=True)[:, -1].argmax(-1).expand(batch)
+            cache = KVCache.for_model(model, batch, T + new_tokens)
+            cache.prefill(one)
+            sync(); t0 = time.perf_counter()
+            for _ in range(new_tokens): nxt = forward_cached(model, nxt[:, None], cache, last_only=True)[:, -1].argmax(-1)
+            sync(); return time.perf_counter() - t0
+        warm = 3                                                     # compiles / records the graph
+        sd = StaticDecoder(model, batch, T + warm + new_tokens, mode=how)
+        nxt = sd.prefill(prompt).argmax(-1)
+        for _ in range(warm): nxt = sd.step(nxt).argmax(-1)
+        sync(); t0 = time.perf_counter()
+        for _ in range(new_tokens): nxt = sd.step(nxt).argmax(-1)
+        sync(); return time.perf_counter() - t0
+
+def bench_infer(profile: str = "tiny", overrides=None, batch: int = 8, prompt_len: int = 32, new_tokens: int = 64,
+                naive_tokens: int = None, static_mode: str = None, vocab_size: int = None) -> dict:
+    "Decode tok/s at batch 1 and `batch`: KV cache, naive recompute, the fixed-shape step (static_mode), the bandwidth bound."
+    import torch
+    from nanochat_lib.core import compute_dtype, get_device, load_profile
+    from nanochat_lib.engine import cast_for_inference
+    from nanochat_lib.model import build_model
+    from nanochat_lib.pretrain import make_plan
+    cfg = load_profile(profile, overrides)
+    dev = get_device(cfg["device"])
+    dtype = compute_dtype(dev)
+    config = make_plan(cfg, vocab_size or int(cfg["tok_vocab_size"]), world_size=1)["config"]
+    if prompt_len + new_tokens + 3 > config.sequence_len * 10:
+        raise ValueError(f"prompt_len + new_tokens must stay under the rotary tables ({config.sequence_len * 10})")
+    torch.manual_seed(0)
+    model = cast_for_inference(build_model(config, dev).eval(), dtype)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=dev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p is not model.wte.weight)
+    bandwidth = copy_bandwidth(dev)
+    naive_tokens = naive_tokens or new_tokens
+    hows = ["cache", "naive"] + ([static_mode] if static_mode else [])
+    rates = {}
+    for how in hows:
+        n = naive_tokens if how == "naive" else new_tokens
+        for b in (1, batch):
+            _decode_seconds(model, how, b, prompt, 2, sync)          # warm-up: allocator, kernels, compilation
+            rates[(how, b)] = b * n / _decode_seconds(model, how, b, prompt, n, sync)
+    bound = {b: b * bandwidth / weight_bytes for b in (1, batch)}
+    return dict(profile=profile, device=str(dev), dtype=str(dtype).replace("torch.", ""), depth=config.n_layer,
+                width=config.n_embd, params=model.num_params(), weight_bytes=weight_bytes, bandwidth=bandwidth,
+                batch=batch, prompt_len=prompt_len, new_tokens=new_tokens, naive_tokens=naive_tokens,
+                static_mode=static_mode, rates={f"{h}@{b}": r for (h, b), r in rates.items()},
+                bound={str(b): r for b, r in bound.items()})
+
+def infer_table(r: dict) -> str:
+    "The inference benchmark as text: tok/s per method at batch 1 and N, the bound, and the ratios."
+    B, rates, bound = r["batch"], r["rates"], r["bound"]
+    rows = [("KV cache", "cache")] + ([(f"static step ({r['static_mode']})", r["static_mode"])] if r["static_mode"] else []) \
+           + [("naive recompute", "naive")]
+    head = f"{'':34s} {'batch 1 tok/s':>14s} {f'batch {B} tok/s':>15s} {f'batch {B} / 1':>11s}"
+    lines = [f"inference on {r['device']} ({r['dtype']}): profile {r['profile']}, d{r['depth']} (width {r['width']}), "
+             f"{r['params']:,} params, {r['weight_bytes'] / 1e6:,.1f} MB of weights read per step",
+             f"prompt {r['prompt_len']} tokens, {r['new_tokens']} greedy tokens timed ({r['naive_tokens']} for naive)",
+             f"copy bandwidth {r['bandwidth'] / 1e9:,.1f} GB/s  ->  bound = bandwidth / weight bytes per step", "",
+             head, "-" * len(head)]
+    for name, key in rows:
+        a, b = rates[f"{key}@1"], rates[f"{key}@{B}"]
+        lines.append(f"{name:34s} {a:14,.1f} {b:15,.1f} {b / a:10.2f}x")
+    lines.append(f"{'memory-bandwidth bound':34s} {bound['1']:14,.1f} {bound[str(B)]:15,.1f} {B:10d}x")
+    lines.append("")
+    for name, key in rows[:-1]:
+        for b in (1, B):
+            lines.append(f"{name + f' @ batch {b}':34s} {rates[f'{key}@{b}'] / rates[f'naive@{b}']:7.2f}x naive   "
+                         f"{rates[f'{key}@{b}'] / bound[str(b)]:6.1%} of the bound")
+    return "\n".join(lines)
+
+# %% ../notebooks/90_bench.ipynb #132f68bf
 def _ints(s: str) -> tuple:
     "'4096,32768' -> (4096, 32768)"
     try: return tuple(int(x.replace("_", "")) for x in s.split(",") if x.strip())
@@ -204,7 +304,7 @@ def _ints(s: str) -> tuple:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nanochat_lib.bench",
                                  description="Benchmarks of the course's components against peers, side by side.")
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{tokenizer,train}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{tokenizer,train,infer}")
     tk = sub.add_parser("tokenizer", help="BPE training: ours vs rustbpe vs HF tokenizers")
     tk.add_argument("--vocab-sizes", type=_ints, default=(4096, 32768), help="comma separated (default 4096,32768)")
     tk.add_argument("--max-chars", type=int, default=None, help="characters of text to train on (default: all)")
@@ -218,6 +318,15 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--profile", default="tiny", help="settings.ini profile whose model to train (default tiny)")
     tr.add_argument("--steps", type=int, default=6, help="timed steps; the fastest counts (default 6)")
     tr.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    inf = sub.add_parser("infer", help="decode tok/s (KV cache, naive recompute) vs the memory-bandwidth bound")
+    inf.add_argument("--profile", default="tiny", help="settings.ini profile whose model shape to time (default tiny)")
+    inf.add_argument("--batch", type=int, default=8, help="the batch N compared with batch 1 (default 8)")
+    inf.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before decoding (default 32)")
+    inf.add_argument("--tokens", type=int, default=64, help="greedy tokens timed per run (default 64)")
+    inf.add_argument("--naive-tokens", type=int, default=None, help="tokens timed for naive recompute (default --tokens)")
+    inf.add_argument("--compile", action="store_true", help="also time the fixed-shape step under torch.compile")
+    inf.add_argument("--graph", action="store_true", help="also time the fixed-shape step as a CUDA graph (GPU only)")
+    inf.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     wk = sub.add_parser("worker")  # internal: one training run in a child process
     for a in ("trainer", "docs_file", "vocab_size", "pattern"): wk.add_argument(a)
     return ap
@@ -231,6 +340,17 @@ def main(argv=None):
     if args.command == "train":
         from nanochat_lib.core import parse_overrides
         print(train_table(bench_train(args.profile, args.steps, parse_overrides(args.sets))))
+        return
+    if args.command == "infer":
+        from nanochat_lib.core import parse_overrides
+        if args.batch < 1 or args.prompt_len < 1 or args.tokens < 1:
+            raise SystemExit("error: --batch, --prompt-len and --tokens must be positive")
+        mode = "compile+graph" if args.compile and args.graph else "compile" if args.compile else \
+               "graph" if args.graph else None
+        try: r = bench_infer(args.profile, parse_overrides(args.sets), args.batch, args.prompt_len, args.tokens,
+                             args.naive_tokens, mode)
+        except ValueError as e: raise SystemExit(f"error: {e}")
+        print(infer_table(r))
         return
     if args.command == "tokenizer":
         trainers = tuple(t.strip() for t in args.trainers.split(",") if t.strip())

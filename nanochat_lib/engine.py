@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['random_gpt', 'KVCache', 'cache_attention_mask', 'attend_cached', 'forward_cached', 'check_sampling', 'top_k_top_p',
            'sample_next_token', 'row_seeds', 'sample_rows', 'RowState', 'cast_for_inference', 'Engine', 'ScriptedModel',
-           'StreamDecoder', 'stream_decode', 'naive_generate']
+           'StreamDecoder', 'stream_decode', 'naive_generate', 'StaticDecoder']
 
 # %% ../notebooks/08a_engine.ipynb #a898ffff
 import codecs, contextlib, operator, random
@@ -420,3 +420,81 @@ def naive_generate(model, tokens, max_tokens: int, temperature: float = 0.0, top
         nxt = sample_next_token(model(ids)[:, -1], generator, temperature, top_k, top_p)
         ids = torch.cat((ids, nxt[:, None]), dim=1)
     return ids[0, len(tokens):].tolist()
+
+# %% ../notebooks/08a_engine.ipynb #a9bae7f6
+class StaticDecoder:
+    "Prefill, then decode steps with fixed shapes (batch, capacity) and a device-side position: CUDA-graph ready."
+    MODES = ("eager", "compile", "graph", "compile+graph")
+
+    def __init__(self, model: GPT, batch: int, capacity: int, mode: str = "eager", dtype=None):
+        if mode not in self.MODES: raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
+        w = next(model.parameters())
+        if "graph" in mode and w.device.type != "cuda":
+            raise ValueError(f"mode {mode!r} records a CUDA graph: it needs the model on a CUDA device, not {w.device}")
+        if capacity > model.rope_len: raise ValueError(f"capacity {capacity} is past the rotary tables ({model.rope_len})")
+        self.model, self.mode, self.device = model, mode, w.device
+        self.cache = KVCache.for_model(model, batch, capacity, dtype=dtype or w.dtype)
+        self.pos = torch.zeros(1, dtype=torch.long, device=self.device)       # the position the next token takes
+        self.positions = torch.arange(capacity, device=self.device)
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=self.device)  # the graph's input buffer
+        self._fn = torch.compile(self._step, fullgraph=True, dynamic=False) if "compile" in mode else self._step
+        self.graph, self.out = None, None
+
+    def _step(self, idx: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        "Logits (B, vocab) of tokens idx (B, 1) at position `pos` (a 1-element tensor); writes their keys and values there."
+        m, c = self.model, self.cache
+        B, C = idx.size(0), m.config.n_embd
+        cos, sin = m.cos.index_select(1, pos), m.sin.index_select(1, pos)
+        back = pos - self.positions                                   # how far back each cache slot lies
+        visible = (back >= 0) & (back < (m.config.window or self.positions.numel()))
+        mask = visible.view(1, 1, 1, -1)
+        x = rms_norm(m.wte(idx))
+        for layer, block in enumerate(m.blocks):
+            attn = block.attn
+            q, k, v = attn.qkv(rms_norm(x), cos, sin)
+            c.k[layer].index_copy_(2, pos, k)
+            c.v[layer].index_copy_(2, pos, v)
+            y = attn.attend(q, c.k[layer], c.v[layer], mask=mask)
+            x = x + attn.c_proj(y.transpose(1, 2).reshape(B, 1, C))
+            x = x + block.mlp(rms_norm(x))
+        return m.head(x)[:, -1]
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
+        "Run prompt (1 or batch rows, T) through the model into the cache (one row is copied to all); last logits (B, vocab)."
+        c = self.cache
+        if prompt.size(1) >= c.capacity: raise ValueError(f"a {prompt.size(1)}-token prompt leaves no room in {c.capacity}")
+        if prompt.size(0) == c.batch:
+            c.reset()
+            logits = forward_cached(self.model, prompt, c, last_only=True)[:, -1]
+        else:
+            one = KVCache.for_model(self.model, 1, prompt.size(1), dtype=c.k.dtype)
+            logits = forward_cached(self.model, prompt, one, last_only=True)[:, -1].expand(c.batch, -1)
+            c.prefill(one)
+        self.pos.fill_(c.pos)
+        return logits
+
+    def _capture(self):
+        "Record one step as a CUDA graph (after warm-up runs on a side stream, as CUDA graphs require)."
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3): self._fn(self.idx, self.pos)          # writes only the slot the next step overwrites
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph): self.out = self._fn(self.idx, self.pos)
+
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        "Feed one token per row (B,) or (B, 1); the logits (B, vocab) of the next."
+        c = self.cache
+        if c.pos >= c.capacity: raise RuntimeError(f"the static cache is full ({c.capacity} positions)")
+        self.idx.copy_(tokens.view(-1, 1))
+        if "graph" in self.mode:
+            if self.graph is None: self._capture()
+            self.graph.replay()
+            logits = self.out
+        else: logits = self._fn(self.idx, self.pos)
+        self.pos += 1
+        c.pos += 1
+        return logits

@@ -74,8 +74,44 @@ def test_report_has_the_base_model_section(tiny_run):
 def test_chat_stages_fill_mid_and_sft_columns(tiny_run):
     report = (tiny_run / "report.md").read_text()
     for row in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"):
-        assert re.search(rf"^\| {row} \| - \| -?[\d.]+ \| -?[\d.]+ \| - \|$", report, re.M), row
+        rl = r"-?[\d.]+" if row == "GSM8K" else "-"            # 07_rl evaluates its model on GSM8K only
+        assert re.search(rf"^\| {row} \| - \| -?[\d.]+ \| -?[\d.]+ \| {rl} \|$", report, re.M), row
     sft = json.loads((tiny_run / "metrics" / "chat_eval_sft.json").read_text())["metrics"]
     assert sft["valid letter rate (all multiple choice)"] >= 0.95      # the format target after SFT
     assert sft["assistant_end rate (all multiple choice)"] >= 0.95
     assert "subset" in sft["ARC-Easy problems"]                           # a subset says so
+
+
+def test_rl_section_and_column(tiny_run):
+    report = (tiny_run / "report.md").read_text()
+    assert "## Reinforcement learning (simplified GRPO)" in report
+    before, after, n = metric(report, "pass@1_before"), metric(report, "pass@1_after"), metric(report, "eval_problems")
+    assert n >= 50 and 0 <= before < after <= 1          # the tiny target: RL raises held-out pass@1 over SFT's
+    assert metric(report, "samples") > 0 and metric(report, "steps") > 0
+    assert re.search(r"^\| GSM8K \| - \| -?[\d.]+ \| -?[\d.]+ \| -?[\d.]+ \|$", report, re.M)   # the RL column
+    assert "## Chat evaluation: RL model" in report
+    assert (tiny_run / "plots" / "rl_reward_passk.png").stat().st_size > 10_000
+    ckpt = tiny_run / "checkpoints" / "rl"
+    assert json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["source"]["phase"] == "sft"
+
+
+def test_serving_chats_with_the_rl_model(tiny_run):
+    "08_serving and 08d_chat_app loaded the run's RL checkpoint (not the random stand-in) and the widget answered."
+    def outputs(name):
+        nb = json.loads((tiny_run / f"{name}.ipynb").read_text())
+        return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    for name in ("08_serving", "08d_chat_app"):
+        out = outputs(name)
+        assert "chatting with the rl checkpoint of" in out and "RANDOM" not in out, name
+    assert re.search(r"one reply of \d+ tokens in", outputs("08_serving"))
+
+
+def test_server_and_cli_notebooks_served_the_sft_model(tiny_run):
+    "08b_server and 08c_cli loaded the run's SFT checkpoint (not the random stand-in) and answered through the API."
+    def outputs(name):
+        nb = json.loads((tiny_run / f"{name}.ipynb").read_text())
+        return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
+    server, cli = outputs("08b_server"), outputs("08c_cli")
+    assert "serving the sft checkpoint of run ci" in server and "NOTE:" not in server
+    assert "['nanochat-ci-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
+    assert "chatting with the sft checkpoint of run ci" in cli and "NOTE:" not in cli and "(new conversation)" in cli

@@ -400,3 +400,49 @@ def test_engine_rejects_bad_requests():
         Engine(random_gpt(GPTConfig(sequence_len=8, vocab_size=100, n_layer=1, n_head=1, n_kv_head=1, n_embd=8)), TOK)
     with pytest.raises(ValueError, match="prealloc"): Engine(m, TOK, prealloc_tokens=0)
     assert next(engine.generate(torch.tensor([1, 2]), max_tokens=1, temperature=0))[1] == [1]   # a tensor prompt is fine
+
+
+# ---------------------------------------------------------------------------------- fixed shapes (CUDA graphs)
+
+from nanochat_lib.engine import StaticDecoder  # noqa: E402
+
+
+def static_greedy(model, prompt, n, batch=1, prompt_rows=1):
+    sd = StaticDecoder(model, batch=batch, capacity=len(prompt) + n)
+    logits = sd.prefill(torch.tensor([prompt] * prompt_rows))
+    out = []
+    for _ in range(n):
+        nxt = logits.argmax(-1)
+        out.append(nxt.tolist())
+        logits = sd.step(nxt)
+    return out, sd
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_static_decoder_equals_full_recompute(shape):
+    m, prompt = tiny_model(shape, seed=1), prompt_ids(6, seed=2)
+    cols, sd = static_greedy(m, prompt, 20, batch=3)
+    ref = naive_generate(m, prompt, 20, temperature=0)
+    assert [c[0] for c in cols] == ref and all(c == [c[0]] * 3 for c in cols)   # every row copied from the prefill
+    assert sd.cache.pos == len(prompt) + 20 and int(sd.pos) == sd.cache.pos
+    with pytest.raises(RuntimeError, match="full"): sd.step(torch.zeros(3, dtype=torch.long))
+
+
+def test_static_decoder_logits_match_forward_cached_and_rows_stay_apart():
+    m = tiny_model("gqa", seed=4)
+    prompts = [prompt_ids(5, seed=s) for s in (1, 2)]                  # two different rows, prefilled together
+    sd = StaticDecoder(m, batch=2, capacity=12)
+    c = KVCache.for_model(m, 2, 12)
+    a, b = sd.prefill(torch.tensor(prompts)), forward_cached(m, torch.tensor(prompts), c, last_only=True)[:, -1]
+    for step in range(6):
+        assert torch.allclose(a, b, atol=1e-4), step
+        nxt = torch.tensor([step + 3, 200 - step])
+        a, b = sd.step(nxt), forward_cached(m, nxt[:, None], c, last_only=True)[:, -1]
+
+
+def test_static_decoder_checks_its_mode():
+    m = tiny_model("mha")
+    with pytest.raises(ValueError, match="mode must be"): StaticDecoder(m, 1, 8, mode="fast")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA device"): StaticDecoder(m, 1, 8, mode="graph")
+    with pytest.raises(ValueError, match="leaves no room"): StaticDecoder(m, 1, 4).prefill(torch.tensor([prompt_ids(4)]))
