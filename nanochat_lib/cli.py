@@ -9,8 +9,7 @@ __all__ = ['TERMINAL_MARKERS', 'HELP', 'for_terminal', 'ChatSession', 'Quit', 'r
 import argparse, sys
 from .core import load_profile, parse_overrides
 from .engine import Engine
-from .model_io import PHASES
-from .server import (ChatRequest, RequestError, completion_events, load_engines, prompt_ids,
+from .server import (ChatRequest, add_model_arguments, RequestError, completion_events, load_engines, prompt_ids,
                                  resolve_run, serving_devices)
 
 # %% ../notebooks/08c_cli.ipynb #5ce599ec
@@ -102,16 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nanochat_lib.cli", description="Talk with a run's chat model.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="{chat}")
     c = sub.add_parser("chat", help="chat in the terminal (or answer one prompt with -p)")
-    c.add_argument("--run", default=None, help="run name under runs/ or a run folder (default: the most recent run)")
-    c.add_argument("-i", "--source", default=None, choices=PHASES, help="checkpoint phase (default: serve_phase)")
-    c.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    add_model_arguments(c)
     c.add_argument("-p", "--prompt", default=None, help="answer this one prompt on stdout and exit")
     c.add_argument("-t", "--temperature", type=float, default=None, help="sampling temperature (default: serve_temperature)")
     c.add_argument("-k", "--top-k", type=int, default=None, help="top-k, 0 = off (default: serve_top_k)")
     c.add_argument("--max-tokens", type=int, default=None, help="tokens per reply (default: serve_default_max_tokens)")
     c.add_argument("--seed", type=int, default=None, help="sampling seed (default: a fresh one each reply)")
-    c.add_argument("--profile", default="tiny", help="settings.ini section for the defaults and the device")
-    c.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     return ap
 
 def main(argv=None):

@@ -84,13 +84,15 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
     total = _sum_over_ranks(torch.tensor([float(sampled)], dtype=torch.float64, device=dev)).item()
     norm = max(total, 1.0) / world_size                  # per-rank scale: the ranks' average is the global mean
     step_bs = device_batch_size or len(rows) or 1
+    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))    # similar lengths together: less padding
     model.train()
     loss_sum = 0.0
     for s in range(0, len(rows), step_bs):
-        x, y = pad_batch(rows[s:s + step_bs], pad_id)
+        part = order[s:s + step_bs]
+        x, y = pad_batch([rows[r] for r in part], pad_id)
         x, y = x.to(dev), y.to(dev)
         with autocast or contextlib.nullcontext():
-            loss = pg_loss(token_logprobs(model, x, y), y, adv[s:s + step_bs].to(dev), norm)
+            loss = pg_loss(token_logprobs(model, x, y), y, adv[part].to(dev), norm)
         loss.backward()
         loss_sum += loss.item()
     for opt in optimizers: opt.step()

@@ -6,7 +6,7 @@
 __all__ = ['ROLES', 'CHAT_PAGE', 'latest_run', 'resolve_run', 'serving_devices', 'load_engines', 'ServeLimits', 'RequestError',
            'ChatRequest', 'parse_chat_request', 'assistant_parts_from_text', 'prompt_ids', 'fit_budget',
            'completion_events', 'WorkerPool', 'pooled_events', 'completion_chunk', 'sse', 'completion_object',
-           'create_app', 'ServerThread', 'build_parser', 'main']
+           'create_app', 'ServerThread', 'add_model_arguments', 'build_parser', 'main']
 
 # %% ../notebooks/08b_server.ipynb #4373cf93
 import argparse, asyncio, contextlib, json, re, secrets, sys, threading, time, uuid
@@ -533,16 +533,21 @@ class ServerThread:
     def __exit__(self, *exc): self.stop()
 
 # %% ../notebooks/08b_server.ipynb #2d941f99
-def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m nanochat_lib.server",
-                                 description="Serve a run's chat model: an OpenAI-compatible API and a chat page.")
+def add_model_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    "The options that pick a run's chat model and the profile, shared by the server and the CLI."
     ap.add_argument("--run", default=None, help="run name under runs/ or a run folder (default: the most recent run)")
     ap.add_argument("-i", "--source", default=None, choices=PHASES, help="checkpoint phase (default: serve_phase)")
     ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: the newest)")
+    ap.add_argument("--profile", default="tiny", help="settings.ini section for the serve_* settings and the device")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
+    return ap
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m nanochat_lib.server",
+                                 description="Serve a run's chat model: an OpenAI-compatible API and a chat page.")
+    add_model_arguments(ap)
     ap.add_argument("--host", default=None, help="address to listen on (default: serve_host, 127.0.0.1)")
     ap.add_argument("--port", type=int, default=None, help="port (default: serve_port)")
-    ap.add_argument("--profile", default="tiny", help="settings.ini section for the serve_* limits and the device")
-    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     return ap
 
 def main(argv=None):

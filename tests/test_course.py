@@ -14,10 +14,11 @@ pytestmark = pytest.mark.course
 def tiny_run(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs")
     env = {**__import__("os").environ, "NANOCHAT_RUNS": str(runs)}
-    proc = subprocess.run([sys.executable, "run_all.py", "--profile", "tiny", "--name", "ci"], cwd=ROOT, env=env,
+    # the notebooks' default run_name, so that notebooks run afterwards with their defaults find this run
+    proc = subprocess.run([sys.executable, "run_all.py", "--profile", "tiny", "--name", "dev"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, f"run_all failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-    return runs / "ci"
+    return runs / "dev"
 
 
 def metric(report: str, key: str) -> float:
@@ -115,3 +116,26 @@ def test_server_and_cli_notebooks_served_the_sft_model(tiny_run):
     assert "serving the sft checkpoint of run ci" in server and "NOTE:" not in server
     assert "['nanochat-ci-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
     assert "chatting with the sft checkpoint of run ci" in cli and "NOTE:" not in cli and "(new conversation)" in cli
+
+
+# Notebooks that finish in seconds; the training ones ran above through run_all with the same values.
+STANDALONE = ("00_core", "00c_report", "02b_loss_eval", "04c_checkpoint", "04d_model_io", "05b_tools", "08c_cli",
+              "08d_chat_app")
+
+def kernel_name() -> str:
+    sys.path.insert(0, str(ROOT))
+    from run_all import kernel_name
+    return kernel_name()
+
+@pytest.mark.parametrize("name", STANDALONE)
+def test_notebook_runs_standalone_with_its_defaults(tiny_run, tmp_path, name):
+    "papermill straight on the notebook: a fresh kernel, no injected parameters, another working directory."
+    env = {**__import__("os").environ, "NANOCHAT_RUNS": str(tiny_run.parent)}
+    out = tmp_path / f"{name}.ipynb"
+    proc = subprocess.run([sys.executable, "-m", "papermill", str(ROOT / "notebooks" / f"{name}.ipynb"), str(out),
+                           "--cwd", str(tmp_path), "--no-progress-bar", "-k", kernel_name()], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    nb = json.loads(out.read_text())
+    assert not any(o.get("output_type") == "error" for c in nb["cells"] for o in c.get("outputs", []))
+    assert not any("injected-parameters" in c["metadata"].get("tags", []) for c in nb["cells"])
