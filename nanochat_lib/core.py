@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'profile_names', 'load_profile', 'parse_overrides', 'list_setting',
            'get_device', 'compute_dtype', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process',
-           'stage_parser', 'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
+           'stage_parser', 'run_stage', 'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
 import argparse, ast, configparser, os, subprocess, sys, time, collections
@@ -168,6 +168,12 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
     ap.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop after this step (for resume demos)")
     return ap
+
+def run_stage(train, prog: str, description: str, argv=None):
+    "A training stage's `main`: parse the common command line, then `train(cfg, run folder, resume=, stop_at=)`."
+    args = stage_parser(prog, description).parse_args(argv)
+    return train(load_profile(args.profile, parse_overrides(args.sets)), run_dir(args.run),
+                 resume=args.resume, stop_at=args.stop_at)
 
 def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
     "A tqdm bar for training loops; in a log or a notebook cell (not a terminal) it prints a line every few seconds."

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import (compute_dtype, dist_teardown, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, stage_parser, training_process)
+                               progress_bar, run_dir, run_stage, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DocBuffer
 from .model import setup_optimizers
@@ -333,9 +333,7 @@ def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_t
 
 # %% ../notebooks/05_midtraining.ipynb #4af3b7e4
 def main(argv=None):
-    args = stage_parser("python -m nanochat_lib.midtrain", "Mid-train a run's base model on chat data.").parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
-    midtrain(cfg, run_dir(args.run), resume=args.resume, stop_at=args.stop_at)
+    run_stage(midtrain, "python -m nanochat_lib.midtrain", "Mid-train a run's base model on chat data.", argv)
 
 # %% ../notebooks/05_midtraining.ipynb #1aed7abd
 if __name__ == "__main__" and "ipykernel" not in sys.modules:

@@ -11,7 +11,7 @@ import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 import torch
 from .core import (compute_dtype, dist_teardown, get_device, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, stage_parser, training_process)
+                               progress_bar, run_dir, run_stage, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
@@ -266,9 +266,7 @@ def pretrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, shard_d
 
 # %% ../notebooks/04_pretraining.ipynb #f489b0ad
 def main(argv=None):
-    args = stage_parser("python -m nanochat_lib.pretrain", "Pretrain the base model of a run (it must hold tokenizer/).").parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
-    pretrain(cfg, run_dir(args.run), resume=args.resume, stop_at=args.stop_at)
+    run_stage(pretrain, "python -m nanochat_lib.pretrain", "Pretrain the base model of a run (it must hold tokenizer/).", argv)
 
 # %% ../notebooks/04_pretraining.ipynb #e68d7b0e
 if __name__ == "__main__" and "ipykernel" not in sys.modules:

@@ -83,11 +83,14 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
     sampled = sum(sum(c.mask) for g in groups for c in g)
     total = _sum_over_ranks(torch.tensor([float(sampled)], dtype=torch.float64, device=dev)).item()
     norm = max(total, 1.0) / world_size                  # per-rank scale: the ranks' average is the global mean
-    step_bs = device_batch_size or len(rows) or 1
-    order = sorted(range(len(rows)), key=lambda r: len(rows[r][0]))    # similar lengths together: less padding
+    # A row with advantage 0 (every row of a group whose answers all scored the same) adds exactly 0 to the loss
+    # and its gradient: skip its forward and backward. Its tokens still count in N.
+    live = [r for r in range(len(rows)) if adv[r] != 0]
+    step_bs = device_batch_size or len(live) or 1
+    order = sorted(live, key=lambda r: len(rows[r][0]))                 # similar lengths together: less padding
     model.train()
     loss_sum = 0.0
-    for s in range(0, len(rows), step_bs):
+    for s in range(0, len(order), step_bs):
         part = order[s:s + step_bs]
         x, y = pad_batch([rows[r] for r in part], pad_id)
         x, y = x.to(dev), y.to(dev)
@@ -95,10 +98,12 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
             loss = pg_loss(token_logprobs(model, x, y), y, adv[part].to(dev), norm)
         loss.backward()
         loss_sum += loss.item()
+    for p in model.parameters():                       # nothing to learn on this rank: a zero gradient, still a step
+        if p.grad is None: p.grad = torch.zeros_like(p)
     for opt in optimizers: opt.step()
     model.zero_grad(set_to_none=True)
     model.eval()
-    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum,
+    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum, trained_rows=len(live),
                 ended=sum(c.ended for g in groups for c in g), groups=groups)
 
 # %% ../notebooks/07_rl.ipynb #41c3cd74
@@ -166,6 +171,7 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
     K, eval_every, save_every = int(cfg["rl_pass_k"]), int(cfg["rl_eval_every"]), int(cfg["rl_save_every"])
     optimizers = make_chat_optimizers(model, cfg, float(cfg["rl_lr_frac"]))
     engine = Engine(model, tok, cast_weights=False)      # samples with the weights being trained (autocast on GPUs)
+    score = getattr(train_task, "reward", None) or (lambda conv, text: float(train_task.evaluate(conv, text)))
     autocast = _autocast(dev)
     ckpt_dir = rdir/"checkpoints"/phase
     step, state = 0, dict(train_seconds=0.0, eval_seconds=0.0, samples=0, sampled_tokens=0, evals=[], rewards=[])
@@ -218,7 +224,7 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
         mine = [step * P + j for j in rank_share(P, rank, W)]
         convs = [train_task[g % len(train_task)] for g in mine]
         prompts = [tok.render_for_completion(c) for c in convs]
-        reward = lambda i, c: train_task.reward(convs[i], tok.decode(c.answer_ids))
+        reward = lambda i, c: score(convs[i], tok.decode(c.answer_ids))
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)   # 1 -> 0, linearly
         set_lr_multiplier(optimizers, lrm)
         set_muon_momentum(optimizers, muon_momentum(step))

@@ -9,7 +9,7 @@ __all__ = ['ConversationStream', 'sft_accumulation', 'sft', 'main']
 import json, sys, time
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, stage_parser, training_process
+from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, run_stage, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .midtrain import (_autocast, _build_tasks, _sum_over_ranks, chat_val_loss,
                                    conversation_example, make_chat_optimizers, pad_batch, val_examples)
@@ -170,9 +170,7 @@ def sft(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=
 
 # %% ../notebooks/06_sft.ipynb #2f9ff85b
 def main(argv=None):
-    args = stage_parser("python -m nanochat_lib.sft", "Fine-tune a run's mid-trained model on conversations.").parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
-    sft(cfg, run_dir(args.run), resume=args.resume, stop_at=args.stop_at)
+    run_stage(sft, "python -m nanochat_lib.sft", "Fine-tune a run's mid-trained model on conversations.", argv)
 
 # %% ../notebooks/06_sft.ipynb #f69391f3
 if __name__ == "__main__" and "ipykernel" not in sys.modules:

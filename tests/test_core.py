@@ -128,3 +128,27 @@ def test_trainer_options_reach_the_module_not_torchrun(tmp_path):
     "torchrun would take `--run` for its own `--run-path`: everything after the module must reach the module."
     out = torchrun("core", ["--run", "x", "--nproc_per_node", "3"], {"nproc_per_node": 1}, env={"NANOCHAT_DEVICE": "cpu"})
     assert "world_size=1 sum_of_ranks=0" in out
+
+
+def test_every_setting_is_explained_and_used():
+    "Each key of settings.ini's [DEFAULT] sits under a comment, and some code or notebook reads it."
+    import configparser, re
+    root = Path(__file__).resolve().parents[1]
+    lines = (root / "settings.ini").read_text().splitlines()
+    start, end = lines.index("[DEFAULT]"), next(i for i, l in enumerate(lines) if l.startswith("[tiny]"))
+    code = "\n".join(p.read_text() for p in [*(root / "nanochat_lib").glob("*.py"), root / "run_all.py"]
+                     if p.name != "_modidx.py")
+    code += "\n".join(p.read_text() for p in (root / "notebooks").glob("*.ipynb"))
+    prev_comment = False
+    for line in lines[start + 1:end]:
+        if line.startswith("#"): prev_comment = True; continue
+        if not line.strip(): prev_comment = False; continue
+        key = line.split("=")[0].strip()
+        # a key belongs to the comment above it, or to a group of keys right under one comment
+        assert prev_comment, f"settings.ini: {key} has no comment above it"
+        # read as cfg["key"] (in notebooks the quotes are JSON-escaped) or passed by name
+        assert re.search(rf"""["']{re.escape(key)}\\?["']""", code), f"settings.ini: no code reads {key}"
+    cp = configparser.ConfigParser(); cp.read(root / "settings.ini")
+    for section in cp.sections():                          # profiles only set keys that DEFAULT explains
+        extra = set(cp[section]) - set(cp.defaults())
+        assert not extra, f"[{section}] sets keys missing from [DEFAULT]: {sorted(extra)}"
