@@ -11,7 +11,7 @@ import contextlib, json, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, stage_parser, training_process
+from .core import dist_teardown, load_profile, print0, progress_bar, run_dir, run_stage, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .chat_eval import rank_share
 from .engine import Engine
@@ -268,9 +268,7 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
 
 # %% ../notebooks/07_rl.ipynb #b2bc4cf8
 def main(argv=None):
-    args = stage_parser("python -m nanochat_lib.rl", "Reinforcement learning (simplified GRPO) on a run's SFT model.").parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
-    rl(cfg, run_dir(args.run), resume=args.resume, stop_at=args.stop_at)
+    run_stage(rl, "python -m nanochat_lib.rl", "Reinforcement learning (simplified GRPO) on a run's SFT model.", argv)
 
 # %% ../notebooks/07_rl.ipynb #8adfeefe
 if __name__ == "__main__" and "ipykernel" not in sys.modules:

@@ -52,6 +52,17 @@ def test_crash_during_save_keeps_previous_and_prunes(tmp_path):
         load_checkpoint(tmp_path / "step_000040.tmp", m)
 
 
+def test_a_shorter_rerun_keeps_its_own_checkpoints(tmp_path):
+    "A second run in the same folder with fewer steps: the first run's later steps are stale, not the new ones."
+    m, opts = make()
+    for s in (100, 200, 300):
+        save_checkpoint(tmp_path, s, m, opts, keep_last=2)
+    for s in (10, 20, 30):
+        save_checkpoint(tmp_path, s, m, opts, keep_last=2)
+    assert [d.name for d in list_checkpoints(tmp_path)] == ["step_000020", "step_000030"]
+    assert latest_checkpoint(tmp_path).name == "step_000030"
+
+
 def test_mismatched_optimizers_and_ranks_are_clear_errors(tmp_path):
     m, opts = make()
     d = save_checkpoint(tmp_path, 1, m, opts)
