@@ -13,9 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # %% ../notebooks/00_core.ipynb #80b984b9
+def _package_dir() -> Path:
+    "Where the installed nanochat_lib lives (the repository's copy when installed with `pip install -e`)."
+    import importlib.util
+    spec = importlib.util.find_spec("nanochat_lib")
+    return Path(spec.origin).resolve().parent if spec and spec.origin else Path.cwd()
+
 def repo_root() -> Path:
-    "The course repository: the first folder holding `settings.ini`, from the cwd up, then from this package up."
-    for start in (Path.cwd(), Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()):
+    "The course repository: the first folder holding `settings.ini`, from the cwd up, then from the package up."
+    # the package fallback serves notebooks and scripts started from anywhere (papermill --cwd, a cron job)
+    for start in (Path.cwd(), _package_dir()):
         for d in (start, *start.parents):
             if (d/"settings.ini").is_file() and (d/"notebooks").is_dir(): return d
     raise FileNotFoundError("cannot find the course repository (a folder with settings.ini and notebooks/); "

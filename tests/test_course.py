@@ -113,9 +113,9 @@ def test_server_and_cli_notebooks_served_the_sft_model(tiny_run):
         nb = json.loads((tiny_run / f"{name}.ipynb").read_text())
         return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     server, cli = outputs("08b_server"), outputs("08c_cli")
-    assert "serving the sft checkpoint of run ci" in server and "NOTE:" not in server
-    assert "['nanochat-ci-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
-    assert "chatting with the sft checkpoint of run ci" in cli and "NOTE:" not in cli and "(new conversation)" in cli
+    assert "serving the sft checkpoint of run dev" in server and "NOTE:" not in server
+    assert "['nanochat-dev-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
+    assert "chatting with the sft checkpoint of run dev" in cli and "NOTE:" not in cli and "(new conversation)" in cli
 
 
 # Notebooks that finish in seconds; the training ones ran above through run_all with the same values.
