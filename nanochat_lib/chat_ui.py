@@ -12,7 +12,7 @@ from pathlib import Path
 import ipywidgets as W
 from fastcore.basics import patch
 from .checkpoint import latest_checkpoint
-from .engine import Engine, StreamDecoder, random_gpt
+from .engine import Engine, StreamDecoder, context_budget, random_gpt
 from .model import GPTConfig
 from .model_io import load_model
 from .tokenizer import Tokenizer
@@ -224,10 +224,9 @@ def clear(self: ChatUI):
 def _reply(self: ChatUI):
     "Generate the assistant's turn for the conversation so far, streaming into the view; None if it cannot fit."
     prompt = self.tokenizer.render_for_completion({"messages": self.messages})
-    budget = min(int(self.max_tokens.value), self.context - len(prompt))
-    if budget < 1:
-        self.status.value = (f"the conversation ({len(prompt)} tokens) fills the model's context of {self.context} "
-                             "tokens: press Clear to start a new one")
+    try: budget = context_budget(self.engine.model, len(prompt), int(self.max_tokens.value))
+    except ValueError as e:
+        self.status.value = f"{html.escape(str(e))}: press Clear to start a new one"
         return None
     kwargs = self.sampling_kwargs()
     self.replies += 1

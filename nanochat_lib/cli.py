@@ -9,8 +9,8 @@ __all__ = ['TERMINAL_MARKERS', 'HELP', 'for_terminal', 'ChatSession', 'Quit', 'r
 import argparse, sys
 from .core import load_profile, parse_overrides
 from .engine import Engine
-from .server import (ChatRequest, add_model_arguments, RequestError, completion_events, load_engines, prompt_ids,
-                                 resolve_run, serving_devices)
+from .server import (ChatRequest, RequestError, add_model_arguments, completion_events, prompt_ids,
+                                 served_engines)
 
 # %% ../notebooks/08c_cli.ipynb #5ce599ec
 TERMINAL_MARKERS = {"<|python_start|>": "[calc ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
@@ -120,10 +120,7 @@ def main(argv=None):
     top_k = int(cfg["serve_top_k"] if args.top_k is None else args.top_k)
     max_tokens = int(cfg["serve_default_max_tokens"] if args.max_tokens is None else args.max_tokens)
     if top_k < 0 or max_tokens < 1: raise SystemExit("error: --top-k must be >= 0 and --max-tokens >= 1")
-    try:
-        rdir = resolve_run(args.run, phase)
-        (engine,), _, meta = load_engines(rdir, phase, serving_devices({**cfg, "serve_workers": 1}), args.step)
-    except (FileNotFoundError, ValueError) as e: raise SystemExit(f"error: {e}")
+    rdir, (engine,), meta = served_engines(args, cfg, phase, workers=1)
     session = ChatSession(engine, float(temperature), top_k, max_tokens, args.seed, max_t)
     if args.prompt is not None:
         try: session.say(args.prompt, lambda s: (sys.stdout.write(s), sys.stdout.flush()))

@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['random_gpt', 'KVCache', 'cache_attention_mask', 'attend_cached', 'forward_cached', 'check_sampling', 'top_k_top_p',
-           'sample_next_token', 'row_seeds', 'sample_rows', 'RowState', 'cast_for_inference', 'Engine', 'ScriptedModel',
-           'StreamDecoder', 'stream_decode', 'naive_generate', 'StaticDecoder']
+           'sample_next_token', 'row_seeds', 'sample_rows', 'RowState', 'cast_for_inference', 'Engine',
+           'context_budget', 'ScriptedModel', 'StreamDecoder', 'stream_decode', 'naive_generate', 'StaticDecoder']
 
 # %% ../notebooks/08a_engine.ipynb #a898ffff
 import codecs, contextlib, operator, random
@@ -254,14 +254,18 @@ def _check_prompt(self: Engine, tokens) -> list:
     if bad is not None: raise ValueError(f"prompt token {bad} is not an id in 0..{self.vocab_size - 1}")
     return tokens
 
+def context_budget(model, n_prompt: int, max_tokens: int = None) -> int:
+    "New tokens a reply may have: `max_tokens` (None: all) cut to the model's context left after `n_prompt` prompt tokens."
+    # one rule for every front end (server, CLI, chat widget): a conversation that fills the context is an error
+    context = model.config.sequence_len
+    if n_prompt >= context:
+        raise ValueError(f"the conversation is {n_prompt} tokens, which fills the model's context of {context} tokens")
+    return context - n_prompt if max_tokens is None else min(max_tokens, context - n_prompt)
+
 @patch
 def _check_budget(self: Engine, n_prompt: int, max_tokens) -> int:
     "How many tokens to generate: `max_tokens`, or what is left of the model's context when None."
-    context = self.model.config.sequence_len
-    if max_tokens is None:
-        max_tokens = context - n_prompt
-        if max_tokens < 1: raise ValueError(f"the prompt ({n_prompt} tokens) fills the model's context of {context}; "
-                                            "shorten it or pass max_tokens")
+    if max_tokens is None: max_tokens = context_budget(self.model, n_prompt)
     if not (isinstance(max_tokens, int) and max_tokens >= 1):
         raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}")
     limit = getattr(self.model, "rope_len", None)
@@ -330,8 +334,9 @@ def generate(self: Engine, tokens, num_samples: int = 1, max_tokens: int = None,
         logits = self._forward(torch.tensor(column, device=self.device)[:, None], cache)
 
 @patch
-def generate_batch(self: Engine, tokens, num_samples: int = 1, **kwargs) -> tuple:
-    "`num_samples` completions of `tokens`: (sequences = prompt + generated tokens, stop token left out; masks, 0 on the prompt)."
+def generate_batch(self: Engine, tokens, num_samples: int = 1, include_stop: bool = False, **kwargs) -> tuple:
+    "`num_samples` completions of `tokens`: (sequences = prompt + generated tokens; masks, 0 on the prompt)."
+    # The stop token is left out unless `include_stop` (RL trains on it: ending the turn is part of the answer).
     tokens = self._check_prompt(tokens)
     seqs = [list(tokens) for _ in range(num_samples)]
     masks = [[0] * len(tokens) for _ in range(num_samples)]
@@ -339,8 +344,8 @@ def generate_batch(self: Engine, tokens, num_samples: int = 1, **kwargs) -> tupl
     for column, bits in self.generate(tokens, num_samples, **kwargs):
         for i, (t, m) in enumerate(zip(column, bits)):
             if finished[i]: continue
-            if t in self.stop_ids: finished[i] = True
-            else: seqs[i].append(t); masks[i].append(m)
+            finished[i] = t in self.stop_ids
+            if include_stop or not finished[i]: seqs[i].append(t); masks[i].append(m)
     return seqs, masks
 
 # %% ../notebooks/08a_engine.ipynb #7cdcdc14

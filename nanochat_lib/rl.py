@@ -57,14 +57,10 @@ class Completion:
 def rollout(engine, prompt, num_samples: int, max_tokens: int, temperature: float = 1.0, top_k: int = None,
             seed: int = 0) -> list:
     "`num_samples` Completions of the prompt ids, sampled by `engine` (its tool included)."
-    ids, masks, ended = [[] for _ in range(num_samples)], [[] for _ in range(num_samples)], [False] * num_samples
-    for column, bits in engine.generate(prompt, num_samples, max_tokens=max_tokens, temperature=temperature,
-                                        top_k=top_k or None, seed=seed):
-        for i, (t, m) in enumerate(zip(column, bits)):
-            if ended[i]: continue
-            ids[i].append(t); masks[i].append(m)
-            if t in engine.stop_ids: ended[i] = True
-    return [Completion(a, b, e) for a, b, e in zip(ids, masks, ended)]
+    seqs, masks = engine.generate_batch(prompt, num_samples, include_stop=True, max_tokens=max_tokens,
+                                        temperature=temperature, top_k=top_k or None, seed=seed)
+    n = len(prompt)
+    return [Completion(s[n:], m[n:], len(s) > n and s[-1] in engine.stop_ids) for s, m in zip(seqs, masks)]
 
 def rl_rows(prompt, completions) -> list:
     "(ids, mask) rows for `pad_batch`: the prompt (mask 0) followed by each completion (its own mask)."

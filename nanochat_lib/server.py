@@ -6,7 +6,7 @@
 __all__ = ['ROLES', 'CHAT_PAGE', 'latest_run', 'resolve_run', 'serving_devices', 'load_engines', 'ServeLimits', 'RequestError',
            'ChatRequest', 'parse_chat_request', 'assistant_parts_from_text', 'prompt_ids', 'fit_budget',
            'completion_events', 'WorkerPool', 'pooled_events', 'completion_chunk', 'sse', 'completion_object',
-           'create_app', 'ServerThread', 'add_model_arguments', 'build_parser', 'main']
+           'create_app', 'ServerThread', 'add_model_arguments', 'served_engines', 'build_parser', 'main']
 
 # %% ../notebooks/08b_server.ipynb #4373cf93
 import argparse, asyncio, contextlib, json, re, secrets, sys, threading, time, uuid
@@ -16,7 +16,7 @@ import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from .core import get_device, load_profile, parse_overrides, runs_dir
-from .engine import Engine, StreamDecoder
+from .engine import Engine, StreamDecoder, context_budget
 from .model_io import PHASES, checkpoint_dir, load_model
 
 # %% ../notebooks/08b_server.ipynb #c1563afc
@@ -199,13 +199,10 @@ def prompt_ids(tokenizer, messages: list) -> list:
 
 # %% ../notebooks/08b_server.ipynb #2026bea9
 def fit_budget(engine: Engine, n_prompt: int, max_tokens: int) -> int:
-    "`max_tokens` cut to the model's context left after an `n_prompt`-token prompt; RequestError when none is left."
-    context = engine.model.config.sequence_len
-    left = context - n_prompt
-    if left < 1:
-        raise RequestError(f"the conversation is {n_prompt} tokens, which fills the model's context of {context} "
-                           "tokens: start a new chat", "messages", code="context_length_exceeded")
-    return min(max_tokens, left)
+    "`engine.context_budget`'s answer, or the RequestError (HTTP 400) a client gets when no context is left."
+    try: return context_budget(engine.model, n_prompt, max_tokens)
+    except ValueError as e:
+        raise RequestError(f"{e}: start a new chat", "messages", code="context_length_exceeded") from None
 
 def completion_events(engine: Engine, prompt: list, req: ChatRequest, cancel: threading.Event = None):
     "Yield {'text': piece} events of one completion, then {'finish': stop|length|cancelled, 'completion_tokens': n}."
@@ -542,6 +539,15 @@ def add_model_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
     return ap
 
+def served_engines(args, cfg: dict, phase: str, workers: int = None) -> tuple:
+    "(run folder, engines, meta) for the `add_model_arguments` options; a missing run or checkpoint exits with its error."
+    if workers is not None: cfg = {**cfg, "serve_workers": workers}
+    try:
+        rdir = resolve_run(args.run, phase)
+        engines, _, meta = load_engines(rdir, phase, serving_devices(cfg), args.step)
+    except (FileNotFoundError, ValueError) as e: raise SystemExit(f"error: {e}")
+    return rdir, engines, meta
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m nanochat_lib.server",
                                  description="Serve a run's chat model: an OpenAI-compatible API and a chat page.")
@@ -556,10 +562,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     cfg = load_profile(args.profile, parse_overrides(args.sets))
     phase = args.source or cfg["serve_phase"]
-    try:
-        rdir = resolve_run(args.run, phase)
-        engines, _, meta = load_engines(rdir, phase, serving_devices(cfg), args.step)
-    except (FileNotFoundError, ValueError) as e: raise SystemExit(f"error: {e}")
+    rdir, engines, meta = served_engines(args, cfg, phase)
     host, port = args.host or cfg["serve_host"], int(args.port if args.port is not None else cfg["serve_port"])
     name = f"nanochat-{rdir.name}-{phase}"
     info = dict(run=str(rdir), phase=phase, step=meta.get("step"))
