@@ -154,7 +154,7 @@ def tokenizer_table(rows: list) -> str:
 def bench_train(profile: str = "tiny", steps: int = 6, overrides=None, vocab_size: int = None) -> dict:
     "Model FLOP/s of the profile's training step vs measured matmul FLOP/s, in one process, side by side."
     import torch
-    from nanochat_lib.core import get_device, load_profile
+    from nanochat_lib.core import get_device, load_profile, synchronize
     from nanochat_lib.model import build_model, setup_optimizers
     from nanochat_lib.pretrain import make_plan, matmul_flops
     cfg = load_profile(profile, overrides)
@@ -167,7 +167,7 @@ def bench_train(profile: str = "tiny", steps: int = 6, overrides=None, vocab_siz
     opts = setup_optimizers(model, distributed=False)
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (B, T + 1), generator=g).to(dev) for _ in range(accum)]
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(dev)
     def step():
         for b in batches: model(b[:, :-1], b[:, 1:]).div(accum).backward()
         for o in opts: o.step()
@@ -200,11 +200,12 @@ def train_table(r: dict) -> str:
 def copy_bandwidth(device, nbytes: int = None, repeats: int = 5) -> float:
     "Bytes per second of a large on-device tensor copy, counting the bytes read and written (best of `repeats`)."
     import torch
+    from nanochat_lib.core import synchronize
     device = torch.device(device)
     nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 27)
     src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)
     dst.copy_(src); sync()
     best = float("inf")
     for _ in range(repeats):
@@ -242,7 +243,7 @@ def bench_infer(profile: str = "tiny", overrides=None, batch: int = 8, prompt_le
                 naive_tokens: int = None, static_mode: str = None, vocab_size: int = None) -> dict:
     "Decode tok/s at batch 1 and `batch`: KV cache, naive recompute, the fixed-shape step (static_mode), the bandwidth bound."
     import torch
-    from nanochat_lib.core import compute_dtype, get_device, load_profile
+    from nanochat_lib.core import compute_dtype, get_device, load_profile, synchronize
     from nanochat_lib.engine import cast_for_inference
     from nanochat_lib.model import build_model
     from nanochat_lib.pretrain import make_plan
@@ -254,7 +255,7 @@ def bench_infer(profile: str = "tiny", overrides=None, batch: int = 8, prompt_le
         raise ValueError(f"prompt_len + new_tokens must stay under the rotary tables ({config.sequence_len * 10})")
     torch.manual_seed(0)
     model = cast_for_inference(build_model(config, dev).eval(), dtype)
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(dev)
     prompt = torch.randint(0, config.vocab_size, (1, prompt_len), device=dev)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p is not model.wte.weight)
     bandwidth = copy_bandwidth(dev)

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'profile_names', 'load_profile', 'parse_overrides', 'list_setting',
-           'get_device', 'compute_dtype', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process',
-           'stage_parser', 'run_stage', 'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
+           'get_device', 'compute_dtype', 'synchronize', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0',
+           'training_process', 'stage_parser', 'run_stage', 'progress_bar', 'LaunchError', 'torchrun_command',
+           'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
 import argparse, ast, configparser, os, subprocess, sys, time, collections
@@ -122,6 +123,10 @@ def compute_dtype(device) -> torch.dtype:
     device = torch.device(device)
     if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 8: return torch.bfloat16
     return torch.float32
+
+def synchronize(device):
+    "Wait for the work queued on `device` (a GPU runs asynchronously: timings need this); nothing to wait for on a CPU."
+    if torch.device(device).type == "cuda": torch.cuda.synchronize(device)
 
 # %% ../notebooks/00_core.ipynb #3bf253c1
 @dataclass(frozen=True)

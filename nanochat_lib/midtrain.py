@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from .core import (compute_dtype, dist_teardown, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, run_stage, training_process)
+                               progress_bar, run_dir, run_stage, synchronize, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DocBuffer
 from .model import setup_optimizers
@@ -290,7 +290,7 @@ def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_t
         if last or step == stop_at: break
 
         # ---- one optimisation step ----
-        if dev.type == "cuda": torch.cuda.synchronize()
+        synchronize(dev)
         t0 = time.time()
         for _ in range(accum):
             with autocast: loss = fmodel(x, y)          # mean over the targets that are not -1

@@ -11,7 +11,7 @@ import argparse, contextlib, json, math, os, sys, time
 from pathlib import Path
 import torch
 from .core import (compute_dtype, dist_teardown, get_device, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, run_stage, training_process)
+                               progress_bar, run_dir, run_stage, synchronize, training_process)
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
@@ -47,7 +47,7 @@ def matmul_flops(device="cpu", n: int = 1024, seconds: float = 1.0, dtype=torch.
     "Measured FLOP/s of square `n`×`n` matmuls on `device` (best of a few repeats over about `seconds`)."
     device = torch.device(device)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = lambda: synchronize(device)
     a @ b; sync()
     best, t_end = 0.0, time.perf_counter() + seconds
     while time.perf_counter() < t_end:
@@ -218,7 +218,7 @@ def pretrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, shard_d
         if last or step == stop_at: break
 
         # ---- one optimisation step ----
-        if dev.type == "cuda": torch.cuda.synchronize()
+        synchronize(dev)
         t0 = time.time()
         for micro in range(accum):
             with autocast: loss = fmodel(x, y)

@@ -11,7 +11,7 @@ import contextlib, json, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, print0, progress_bar, run_dir, run_stage, training_process
+from .core import dist_teardown, load_profile, print0, progress_bar, run_dir, run_stage, synchronize, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .chat_eval import rank_share
 from .engine import Engine
@@ -215,7 +215,7 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
         if last or step == stop_at: break
 
         # ---- one step: this rank's share of the step's problems, S samples each ----
-        if dev.type == "cuda": torch.cuda.synchronize()
+        synchronize(dev)
         t0 = time.time()
         mine = [step * P + j for j in rank_share(P, rank, W)]
         convs = [train_task[g % len(train_task)] for g in mine]

@@ -9,7 +9,7 @@ __all__ = ['ConversationStream', 'sft_accumulation', 'sft', 'main']
 import json, sys, time
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, run_stage, training_process
+from .core import dist_teardown, load_profile, parse_overrides, print0, progress_bar, run_dir, run_stage, synchronize, training_process
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .midtrain import (_autocast, _build_tasks, _sum_over_ranks, chat_val_loss,
                                    conversation_example, make_chat_optimizers, pad_batch, val_examples)
@@ -129,7 +129,7 @@ def sft(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=
         if last or step == stop_at: break
 
         # ---- one optimisation step: `accum` padded batches of whole conversations ----
-        if dev.type == "cuda": torch.cuda.synchronize()
+        synchronize(dev)
         t0, tokens, supervised = time.time(), 0, 0
         for _ in range(accum):
             x, y = pad_batch(stream.take(Bc), tok.bos_id)
