@@ -119,7 +119,7 @@ def test_server_and_cli_notebooks_served_the_sft_model(tiny_run):
 
 
 # Notebooks that finish in seconds; the training ones ran above through run_all with the same values.
-STANDALONE = ("00_core", "00c_report", "02b_loss_eval", "04c_checkpoint", "04d_model_io", "05b_tools", "08c_cli",
+STANDALONE = ("00_core", "00c_report", "01b_loss_eval", "03d_checkpoint", "04b_model_io", "04c_tools", "08c_cli",
               "08d_chat_app")
 
 def kernel_name() -> str:
