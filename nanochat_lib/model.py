@@ -4,8 +4,8 @@
 
 # %% auto #0
 __all__ = ['GPTConfig', 'rms_norm', 'rope_tables', 'apply_rope', 'sliding_window_mask', 'CausalSelfAttention', 'MLP', 'Block',
-           'head_loss', 'GPT', 'build_model', 'param_count_formula', 'attention_flops_per_token', 'flops_per_token',
-           'setup_optimizers', 'training_plan']
+           'GPT', 'build_model', 'param_count_formula', 'attention_flops_per_token', 'flops_per_token',
+           'setup_optimizers', 'training_plan', 'head_loss']
 
 # %% ../notebooks/03_model.ipynb #4aed3403
 import math
@@ -136,45 +136,6 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask=None):
         x = x + self.attn(rms_norm(x), cos, sin, mask)
         return x + self.mlp(rms_norm(x))
-
-# %% ../notebooks/03_model.ipynb #a9eee8e9
-class _HeadLoss(torch.autograd.Function):
-    "Mean soft-capped cross-entropy of `x @ weight.T` (targets -1 ignored), gradients computed chunk by chunk."
-    @staticmethod
-    def forward(ctx, x, weight, targets, softcap, chunk):
-        valid_all = targets >= 0
-        n_valid = valid_all.sum().clamp(min=1).to(torch.float32)
-        total = torch.zeros((), dtype=torch.float32, device=x.device)
-        gx, gw = torch.empty_like(x), torch.zeros_like(weight)
-        for s in range(0, x.shape[0], chunk):
-            xs, ts, valid = x[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
-            safe = torch.where(valid, ts, 0)
-            logits = xs @ weight.t()
-            if softcap:
-                t = logits.div_(softcap).tanh_()              # in place: one buffer per chunk
-                logits = t * softcap
-            lse = torch.logsumexp(logits, dim=-1)
-            picked = logits.gather(1, safe[:, None]).squeeze(1)
-            total += torch.where(valid, lse - picked, 0.0).sum()
-            g = logits.sub_(lse[:, None]).exp_()              # softmax, reusing the logits buffer
-            g.scatter_add_(1, safe[:, None], -valid.to(g.dtype)[:, None])
-            g.mul_(valid.to(g.dtype)[:, None])
-            if softcap: g.mul_(t.square_().neg_().add_(1.0))  # d/dz softcap·tanh(z/softcap) = 1 - tanh²
-            gx[s:s + chunk] = g @ weight
-            gw.addmm_(g.t(), xs)
-        ctx.save_for_backward(gx, gw, n_valid)
-        return total / n_valid
-
-    @staticmethod
-    def backward(ctx, grad):
-        gx, gw, n_valid = ctx.saved_tensors
-        scale = grad / n_valid
-        return gx * scale, gw * scale, None, None, None
-
-def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = None,
-              chunk: int = 512) -> torch.Tensor:
-    "Mean cross-entropy of soft-capped logits `x @ weight.T` against `targets` (-1 ignored), fused and chunked."
-    return _HeadLoss.apply(x, weight, targets, softcap, chunk)
 
 # %% ../notebooks/03_model.ipynb #b5d966b7
 class GPT(nn.Module):
@@ -344,3 +305,42 @@ def training_plan(depth: int, vocab_size: int, seq_len: int, world_size: int = 1
                 total_batch_size=total_batch_size, grad_accum_steps=total_batch_size // tokens_per_pass,
                 num_iterations=steps, total_tokens=tokens, tokens_per_param=tokens / n_params,
                 total_flops=per_token * tokens)
+
+# %% ../notebooks/03_model.ipynb #a9eee8e9
+class _HeadLoss(torch.autograd.Function):
+    "Mean soft-capped cross-entropy of `x @ weight.T` (targets -1 ignored), gradients computed chunk by chunk."
+    @staticmethod
+    def forward(ctx, x, weight, targets, softcap, chunk):
+        valid_all = targets >= 0
+        n_valid = valid_all.sum().clamp(min=1).to(torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        gx, gw = torch.empty_like(x), torch.zeros_like(weight)
+        for s in range(0, x.shape[0], chunk):
+            xs, ts, valid = x[s:s + chunk], targets[s:s + chunk], valid_all[s:s + chunk]
+            safe = torch.where(valid, ts, 0)
+            logits = xs @ weight.t()
+            if softcap:
+                t = logits.div_(softcap).tanh_()              # in place: one buffer per chunk
+                logits = t * softcap
+            lse = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, safe[:, None]).squeeze(1)
+            total += torch.where(valid, lse - picked, 0.0).sum()
+            g = logits.sub_(lse[:, None]).exp_()              # softmax, reusing the logits buffer
+            g.scatter_add_(1, safe[:, None], -valid.to(g.dtype)[:, None])
+            g.mul_(valid.to(g.dtype)[:, None])
+            if softcap: g.mul_(t.square_().neg_().add_(1.0))  # d/dz softcap·tanh(z/softcap) = 1 - tanh²
+            gx[s:s + chunk] = g @ weight
+            gw.addmm_(g.t(), xs)
+        ctx.save_for_backward(gx, gw, n_valid)
+        return total / n_valid
+
+    @staticmethod
+    def backward(ctx, grad):
+        gx, gw, n_valid = ctx.saved_tensors
+        scale = grad / n_valid
+        return gx * scale, gw * scale, None, None, None
+
+def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, softcap: float = None,
+              chunk: int = 512) -> torch.Tensor:
+    "Mean cross-entropy of soft-capped logits `x @ weight.T` against `targets` (-1 ignored), fused and chunked."
+    return _HeadLoss.apply(x, weight, targets, softcap, chunk)
