@@ -8,7 +8,8 @@ __all__ = ['PHASES', 'checkpoint_dir', 'config_from_meta', 'load_model']
 # %% ../notebooks/04b_model_io.ipynb #5f94b3dc
 from pathlib import Path
 import torch
-from .checkpoint import latest_checkpoint, read_meta, step_dir_name
+from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_weights, read_meta,
+                                     step_dir_name, step_of)
 from .model import GPT, GPTConfig, build_model
 
 # %% ../notebooks/04b_model_io.ipynb #f9124764
@@ -20,32 +21,37 @@ def checkpoint_dir(rdir, phase: str, step: int = None) -> Path:
     if phase not in PHASES: raise ValueError(f"unknown phase {phase!r}; phases are {', '.join(PHASES)}")
     phase_dir = Path(rdir)/"checkpoints"/phase
     if step is None:
-        found = latest_checkpoint(phase_dir)
+        found = latest_checkpoint(phase_dir, verify="meta", warn=False)
         if found is None:
             raise FileNotFoundError(f"no {phase} checkpoint in {phase_dir}: run notebook {_MADE_BY[phase]} "
                                     f"for this run first")
         return found
-    found = phase_dir/step_dir_name(step)
-    if not (found/"meta.json").exists():
-        have = sorted(p.name for p in phase_dir.glob("step_*")) if phase_dir.is_dir() else []
-        raise FileNotFoundError(f"no {phase} checkpoint at step {step} in {phase_dir}; found: {have or 'none'}")
-    return found
+    for found in (phase_dir/step_dir_name(step), phase_dir/(step_dir_name(step) + ".old")):
+        if (found/"meta.json").exists(): return found
+    have = sorted(p.name for p in phase_dir.glob("step_*")) if phase_dir.is_dir() else []
+    raise FileNotFoundError(f"no {phase} checkpoint at step {step} in {phase_dir}; found: {have or 'none'}")
 
 # %% ../notebooks/04b_model_io.ipynb #1b0a88f9
-def config_from_meta(meta: dict) -> GPTConfig:
+def config_from_meta(meta: dict, where="the checkpoint") -> GPTConfig:
     "The GPTConfig a checkpoint's metadata records."
-    if "model_config" not in meta:
-        raise KeyError(f"the checkpoint metadata has no model_config (keys: {', '.join(sorted(meta))}); it was not "
-                       "written by a course trainer")
-    return GPTConfig(**meta["model_config"])
+    if not isinstance(meta.get("model_config"), dict):
+        raise CheckpointError(f"{where} has no model_config (keys: {', '.join(sorted(meta))}); it was not written by "
+                              "a course trainer")
+    try: return GPTConfig(**meta["model_config"])
+    except TypeError as e: raise CheckpointError(f"{where}: model_config does not fit GPTConfig ({e})") from None
 
 def load_model(rdir, phase: str, device="cpu", step: int = None) -> tuple:
     "(model in eval mode, tokenizer, meta) of `phase`'s checkpoint (the newest, or `step`) in run folder `rdir`."
     from nanochat_lib.tokenizer import Tokenizer
     step_dir = checkpoint_dir(rdir, phase, step)
     meta = read_meta(step_dir)
-    model = build_model(config_from_meta(meta), device)
-    state = torch.load(step_dir/"model.pt", map_location=device, weights_only=True)
+    model = build_model(config_from_meta(meta, step_dir/"meta.json"), device)
+    try: state = load_weights(step_dir, map_location=device)
+    except CheckpointError as e:
+        intact = [step_of(d) for d in list_checkpoints(step_dir.parent) if d != step_dir]
+        fix = f"load another step with --step {intact[-1]} (intact: {', '.join(map(str, intact))})" if intact else \
+              f"run notebook {_MADE_BY[phase]} again to write a new one"
+        raise CheckpointError(f"{e}; {fix}") from None
     model.load_state_dict(state)
     tok_dir = Path(rdir)/"tokenizer"
     if not tok_dir.is_dir(): raise FileNotFoundError(f"{tok_dir} is missing: run notebook 01_tokenizer for this run")

@@ -335,3 +335,91 @@ def test_fineweb_from_profile_and_env_url(cache, fineweb, monkeypatch):
     train, val = list_shards(d)
     assert [p.name for p in train] == [shard_name(0)] and val.name == shard_name(1822)
     assert next(iter_documents(d, "val")) == shards[1822][0]
+
+
+# ---- integrity: a sha256 per shard ------------------------------------------------------------------
+
+def flip(path, n=256, at=None):
+    data = bytearray(Path(path).read_bytes())
+    at = len(data) // 2 if at is None else at
+    data[at:at + n] = bytes(b ^ 0xFF for b in data[at:at + n])
+    Path(path).write_bytes(bytes(data))
+
+
+def test_manifest_records_each_shards_sha256(cache, packages):
+    import hashlib
+    d = ensure_corpus(CFG)
+    shards = read_manifest(d)["shards"]
+    assert set(shards) == {p.name for p in d.glob("shard_*.parquet")}
+    for name, s in shards.items():
+        assert s["sha256"] == hashlib.sha256((d / name).read_bytes()).hexdigest() and s["bytes"] == (d / name).stat().st_size
+
+
+def test_256_flipped_bytes_in_a_built_shard_are_found_and_the_corpus_rebuilt(cache, packages, capsys):
+    d = ensure_corpus(CFG)
+    before, n = all_docs(d), len(packages)
+    bad = d / shard_name(1)
+    flip(bad)
+    assert not corpus.corpus_is_complete(d)
+    assert corpus.corpus_problem(d) == f"{bad} is damaged: its sha256 differs from the one in the manifest"
+    with pytest.raises(corpus.CorpusError) as e:      # a reader that gets there first names the file and the repair
+        list(iter_documents(d, "train"))
+    assert str(bad) in str(e.value) and corpus.REPAIR in str(e.value) and "\n" not in str(e.value)
+    assert ensure_corpus(CFG) == d                    # reuse: found, named, rebuilt
+    err = capsys.readouterr().err
+    assert f"warning: rebuilding the corpus in {d}: {bad} is damaged" in err
+    assert len(packages) == 2 * n and corpus.corpus_is_complete(d) and all_docs(d) == before
+
+
+def test_a_manifest_without_hashes_is_rebuilt(cache, packages):
+    d = ensure_corpus(CFG)
+    m = read_manifest(d)
+    for s in m["shards"].values(): del s["sha256"]
+    (d / MANIFEST).write_text(json.dumps(m))
+    assert "no sha256" in corpus.corpus_problem(d)
+    n = len(packages)
+    ensure_corpus(CFG)
+    assert len(packages) == 2 * n and corpus.corpus_is_complete(d)
+
+
+def test_fineweb_shards_are_hashed_once_and_verify_refetches_a_damaged_one(tmp_path, fineweb, capsys):
+    import hashlib
+    srv, routes, shards, blobs = fineweb
+    d = download_fineweb(3, tmp_path / "fw", base_url=srv.base_url, max_shard=5, progress=False)
+    m = read_manifest(d)
+    assert {n: s["sha256"] for n, s in m["shards"].items()} == \
+        {shard_name(i): hashlib.sha256(blobs[i]).hexdigest() for i in (0, 1, 5)}
+    bad = d / shard_name(0)
+    flip(bad, at=len(blobs[0]) // 4)                  # inside the first row group: the footer check cannot see it
+    before = len(srv.log)
+    download_fineweb(3, d, base_url=srv.base_url, max_shard=5, progress=False)
+    assert len(srv.log) == before                     # a plain reuse does not hash 100 MB shards
+    with pytest.raises(corpus.CorpusError) as e:
+        list(iter_documents(d, "train"))
+    assert str(bad) in str(e.value) and "--verify" in str(e.value)
+    download_fineweb(3, d, base_url=srv.base_url, max_shard=5, progress=False, verify=True)
+    assert f"warning: {bad} is damaged" in capsys.readouterr().err
+    assert bad.read_bytes() == blobs[0] and len(routes[0].requests) == 2 and len(srv.log) == before + 1
+    assert list(iter_documents(d, "train"))[:1500] == shards[0]
+    assert read_manifest(d)["shards"][shard_name(0)]["sha256"] == hashlib.sha256(blobs[0]).hexdigest()
+
+
+def test_fineweb_verify_covers_shards_of_an_earlier_larger_download(tmp_path, fineweb):
+    srv, routes, shards, blobs = fineweb
+    d = download_fineweb(3, tmp_path / "fw", base_url=srv.base_url, max_shard=5, progress=False)
+    flip(d / shard_name(1), at=len(blobs[1]) // 4)
+    download_fineweb(2, d, base_url=srv.base_url, max_shard=5, progress=False, verify=True)   # asks for 0 and 5 only
+    assert (d / shard_name(1)).read_bytes() == blobs[1] and len(routes[1].requests) == 2
+
+
+def test_the_repair_command(cache, packages, capsys):
+    sets = ["--set", "offline_sources=wiki,django", "--set", "offline_shard_chars=10000"]
+    corpus.main(["--profile", "tiny", *sets, "--verify"])
+    out = capsys.readouterr().out
+    d = cache / "corpora" / "offline-django+wiki-10000"
+    assert out.splitlines()[-1].startswith(f"{d}: ") and out.splitlines()[-1].endswith("every shard verified")
+    flip(d / shard_name(0))
+    corpus.main(["--profile", "tiny", *sets, "--verify"])
+    assert corpus.corpus_is_complete(d) and f"{d / shard_name(0)} is damaged" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="^error: unknown offline source"):
+        corpus.main(["--profile", "tiny", "--set", "offline_sources=books"])
