@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 import numpy as np
 import pyarrow as pa, pyarrow.parquet as pq
+from .corpus import open_shard, read_row_group
 import torch
 
 # %% ../notebooks/02_data.ipynb #0e0bde4a
@@ -139,8 +140,9 @@ class DocStream:
         if key != (shard, row_group):
             if self._file[0] != shard:                      # keep one file open, not hundreds
                 if self._file[1] is not None: self._file[1].close()
-                self._file = (shard, pq.ParquetFile(self.paths[shard]))
-            col = self._file[1].read_row_group(row_group, columns=[self.col]).column(0)
+                self._file = (shard, open_shard(self.paths[shard]))
+            # corpus's readers name the damaged file (and the repair command) instead of a bare decoder error
+            col = read_row_group(self._file[1], self.paths[shard], row_group, [self.col]).column(0)
             self._cache = ((shard, row_group), col)
         return col.take(pa.array(list(docs), type=pa.int64())).to_pylist()
 
