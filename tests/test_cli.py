@@ -108,4 +108,4 @@ def test_cli_errors_are_clear(runs_tmp):
     assert p.returncode != 0 and "no run in" in p.stderr
     p = subprocess.run([sys.executable, "-m", "nanochat_lib.cli", "chat", "-t", "5", "-p", "x"], cwd=ROOT,
                        capture_output=True, text=True, env=cli_env(runs_tmp), timeout=60)
-    assert p.returncode != 0 and "--temperature must be in" in p.stderr
+    assert p.returncode != 0 and "--temperature: must be in" in p.stderr
