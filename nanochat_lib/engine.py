@@ -174,8 +174,8 @@ def sample_next_token(logits: torch.Tensor, generator: torch.Generator = None, t
     "Next token ids (B,) for logits (B, vocab): argmax at temperature 0, else one draw from the tempered, filtered softmax."
     if temperature == 0: return logits.argmax(-1)
     logits = logits.float()
-    logits = (logits - logits.amax(-1, keepdim=True)) / temperature  # best = 0, the rest <= 0: a tiny temperature
-                                                                     # gives -inf (never drawn), not inf - inf = NaN
+    # best = 0, the rest <= 0, over a temperature float32 can hold: a tiny one gives -inf (never drawn), not NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if not top_k and (top_p is None or top_p >= 1):
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     vals, ids = top_k_top_p(logits, top_k, top_p)

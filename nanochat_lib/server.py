@@ -210,7 +210,7 @@ def parse_chat_request(body, limits: ServeLimits = ServeLimits()) -> ChatRequest
         include_usage=bool(opts.get("include_usage", False)))
 
 # %% ../notebooks/08b_server.ipynb #8c0dc71a
-MAX_JSON_DEPTH = 16     # a chat request needs 4 levels: {"messages": [{"content": [{"text": ...}]}]}
+MAX_JSON_DEPTH = 16     # a chat request needs 5 levels: {"messages": [{"content": [{"text": ...}]}]}
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"?', re.S)  # a string, or the rest if unterminated: no backtracking
 
 def json_depth(raw: bytes) -> int:

@@ -109,3 +109,15 @@ def test_cli_errors_are_clear(runs_tmp):
     p = subprocess.run([sys.executable, "-m", "nanochat_lib.cli", "chat", "-t", "5", "-p", "x"], cwd=ROOT,
                        capture_output=True, text=True, env=cli_env(runs_tmp), timeout=60)
     assert p.returncode != 0 and "--temperature: must be in" in p.stderr
+
+
+def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
+    cases = [(["--profile", "nope"], "nope"), (["--set", "no_equals_sign"], "--set"),
+             (["--set", "serve_temperature=hot"], "serve_temperature"), (["-k", "-1"], "--top-k"),
+             (["--max-tokens", "0"], "--max-tokens"), (["-t", "nan"], "--temperature")]
+    if not torch.cuda.is_available(): cases.append((["--set", "device=cuda"], "device"))
+    for args, named in cases:
+        p = subprocess.run([sys.executable, "-m", "nanochat_lib.cli", "chat", "-p", "x", *args], cwd=ROOT,
+                           capture_output=True, text=True, env=cli_env(runs_tmp), timeout=120)
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode != 0 and len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (args, p.stderr)
