@@ -592,10 +592,12 @@ CONTENT = st.text(max_size=30) | st.lists(st.fixed_dictionaries({"type": st.just
 MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": CONTENT}) | JSONV
 FIELDS = ["temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "n", "stream",
           "stream_options", "model"]
+ALTERNATING = st.integers(0, 2).flatmap(lambda k: st.lists(st.text(max_size=20), min_size=2 * k + 1, max_size=2 * k + 1)).map(
+    lambda xs: [{"role": ("user", "assistant")[i % 2], "content": x} for i, x in enumerate(xs)])   # a valid conversation
+IN_RANGE = st.floats(0, 2) | st.integers(0, 100) | st.just(1e-46)
 REQUEST = st.fixed_dictionaries(
-    {"messages": st.lists(MESSAGE, max_size=5) | st.lists(st.fixed_dictionaries(
-        {"role": st.sampled_from(["user", "assistant"]), "content": st.text(max_size=20)}), min_size=1, max_size=4)},
-    optional={k: NUMBERS | JSONV | st.booleans() for k in FIELDS}) | JSONV
+    {"messages": st.lists(MESSAGE, max_size=5) | ALTERNATING},
+    optional={k: IN_RANGE | NUMBERS | JSONV | st.booleans() for k in FIELDS}) | JSONV
 DEEP = st.integers(1, 3000).map(lambda n: b'{"messages": ' + b"[" * n + b"]" * n + b"}")
 
 
