@@ -9,8 +9,8 @@ __all__ = ['TERMINAL_MARKERS', 'HELP', 'for_terminal', 'ChatSession', 'Quit', 'r
 import argparse, sys
 from .core import load_profile, parse_overrides
 from .engine import Engine
-from .server import (ChatRequest, RequestError, add_model_arguments, completion_events, prompt_ids,
-                                 served_engines)
+from .server import (ChatRequest, RequestError, ServeLimits, add_model_arguments, completion_events,
+                                 one_line_errors, prompt_ids, served_engines)
 
 # %% ../notebooks/08c_cli.ipynb #5ce599ec
 TERMINAL_MARKERS = {"<|python_start|>": "[calc ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
@@ -110,17 +110,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 def main(argv=None):
-    "Entry point of `python -m nanochat_lib.cli`."
+    "Entry point of `python -m nanochat_lib.cli`; a bad setting or run ends with one line `error: ...`."
     args = build_parser().parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
-    phase = args.source or cfg["serve_phase"]
-    temperature = cfg["serve_temperature"] if args.temperature is None else args.temperature
-    max_t = float(cfg["serve_max_temperature"])
-    if not 0 <= temperature <= max_t: raise SystemExit(f"error: --temperature must be in [0, {max_t}]")
-    top_k = int(cfg["serve_top_k"] if args.top_k is None else args.top_k)
-    max_tokens = int(cfg["serve_default_max_tokens"] if args.max_tokens is None else args.max_tokens)
-    if top_k < 0 or max_tokens < 1: raise SystemExit("error: --top-k must be >= 0 and --max-tokens >= 1")
-    rdir, (engine,), meta = served_engines(args, cfg, phase, workers=1)
+    with one_line_errors():
+        cfg = load_profile(args.profile, parse_overrides(args.sets))
+        phase = args.source or cfg["serve_phase"]
+        limits = ServeLimits.from_cfg(cfg)                      # the serve_* settings, checked
+        temperature = limits.temperature if args.temperature is None else args.temperature
+        max_t = limits.max_temperature
+        if not 0 <= temperature <= max_t: raise ValueError(f"--temperature: must be in [0, {max_t}], got {temperature}")
+        top_k = limits.top_k if args.top_k is None else args.top_k
+        max_tokens = limits.default_max_tokens if args.max_tokens is None else args.max_tokens
+        if top_k < 0: raise ValueError(f"--top-k: must be >= 0 (0 = off), got {top_k}")
+        if max_tokens < 1: raise ValueError(f"--max-tokens: must be >= 1, got {max_tokens}")
+        rdir, (engine,), meta = served_engines(args, cfg, phase, workers=1)
     session = ChatSession(engine, float(temperature), top_k, max_tokens, args.seed, max_t)
     if args.prompt is not None:
         try: session.say(args.prompt, lambda s: (sys.stdout.write(s), sys.stdout.flush()))

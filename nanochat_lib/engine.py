@@ -150,8 +150,8 @@ def forward_cached(model: GPT, idx: torch.Tensor, cache: KVCache, last_only: boo
 # %% ../notebooks/05b_engine.ipynb #8bc62111
 def check_sampling(temperature: float = 1.0, top_k: int = None, top_p: float = None):
     "Raise a clear ValueError for sampling settings that make no sense."
-    if not (isinstance(temperature, (int, float)) and temperature >= 0):
-        raise ValueError(f"temperature must be a number >= 0 (0 = greedy), got {temperature!r}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
         raise ValueError(f"top_k must be None, 0 (both mean off) or a positive int, got {top_k!r}")
     if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
@@ -164,14 +164,18 @@ def top_k_top_p(logits: torch.Tensor, top_k: int = None, top_p: float = None) ->
     if top_p is not None and top_p < 1:
         probs = vals.softmax(-1)
         better = probs.cumsum(-1) - probs                           # the mass of the candidates ahead of each one
-        vals = vals.masked_fill(better >= top_p, float("-inf"))     # the top candidate (better = 0) always stays
+        drop = better >= top_p                                      # a top_p below float32's tiny would drop all:
+        drop[..., 0] = False                                        # the top candidate always stays
+        vals = vals.masked_fill(drop, float("-inf"))
     return vals, ids
 
 def sample_next_token(logits: torch.Tensor, generator: torch.Generator = None, temperature: float = 1.0,
                       top_k: int = None, top_p: float = None) -> torch.Tensor:
     "Next token ids (B,) for logits (B, vocab): argmax at temperature 0, else one draw from the tempered, filtered softmax."
     if temperature == 0: return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float()
+    # best = 0, the rest <= 0, over a temperature float32 can hold: a tiny one gives -inf (never drawn), not NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
     if not top_k and (top_p is None or top_p >= 1):
         return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
     vals, ids = top_k_top_p(logits, top_k, top_p)

@@ -4,7 +4,8 @@
 
 # %% auto #0
 __all__ = ['MAX_PROCESSES', 'MAX_FILE_BYTES', 'MAX_OPEN_FILES', 'MIN_MEMORY_MB', 'SANDBOX_UID', 'SANDBOX_GID', 'SAFE_PATH',
-           'sandbox_user', 'sandbox_python', 'SandboxResult', 'run_untrusted', 'humaneval_program', 'check_completion']
+           'PRIVATE_TMPFS', 'sandbox_user', 'sandbox_python', 'writable_places', 'SandboxResult', 'run_untrusted',
+           'humaneval_program', 'check_completion']
 
 # %% ../notebooks/04d_sandbox.ipynb #760ce4dd
 import contextlib, ctypes, dataclasses, fcntl, math, os, resource, secrets, selectors, shutil, signal, subprocess, sys, tempfile, time, warnings
@@ -56,10 +57,12 @@ def sandbox_user():
         raise ValueError("NANOCHAT_SANDBOX_UID/GID must name an unprivileged user, not root (0)")
     return uid, gid
 
-def _child_setup(limits: list, user):
-    "The function the child runs between fork and exec: set the limits, then stop being root."
+def _child_setup(limits: list, user, view=None):
+    "The function the child runs between fork and exec: a private view (`view` = (places, workdir), section 2.3), "
+    "the limits, then stop being root."
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before fork
     def setup():
+        if view is not None: _enter_private_view(libc, *view)
         for res, soft, hard in limits: resource.setrlimit(res, (soft, hard))
         if user is not None:
             uid, gid = user
@@ -149,10 +152,10 @@ def _remove_tree(path: str):
         with contextlib.suppress(OSError): func(p)
     shutil.rmtree(path, **({"onexc": retry} if sys.version_info >= (3, 12) else {"onerror": retry}))
 
-def _remove_strays(uid: int, since: float) -> list:
-    "Delete what `uid` created at the top of the shared temporary folders since `since`; return the paths."
+def _remove_strays(uid: int, since: float, places=()) -> list:
+    "Delete what `uid` created since `since` at the top of the shared temporary folders and of `places`; the paths."
     removed = []
-    for d in {tempfile.gettempdir(), *_SHARED_TMP}:
+    for d in sorted({tempfile.gettempdir(), *_SHARED_TMP, *(p[0] for p in places)}):
         try: entries = list(os.scandir(d))
         except OSError: continue
         for e in entries:
@@ -164,6 +167,82 @@ def _remove_strays(uid: int, since: float) -> list:
                 else: os.unlink(e.path)
                 removed.append(e.path)
     return removed
+
+# %% ../notebooks/04d_sandbox.ipynb #443edeed
+import stat as _stat
+_NOT_PLACES = ("/proc", "/sys")    # kernel views, not folders that keep files
+_CLONE_NEWNS, _CLONE_NEWUSER = 0x00020000, 0x10000000
+_MS_NOSUID, _MS_NODEV, _MS_BIND, _MS_REC, _MS_PRIVATE = 0x2, 0x4, 0x1000, 0x4000, 0x40000
+PRIVATE_TMPFS = "size=64m,nr_inodes=16384"    # each private folder: at most 64 MiB and 16k files, in memory
+
+def _allows(st, user, u_bit: int, g_bit: int, o_bit: int) -> bool:
+    "Whether `user` (uid, gid) has the permission (owner, group or other bit) on a file with stat `st`."
+    uid, gid = user
+    return bool(st.st_mode & (u_bit if st.st_uid == uid else g_bit if st.st_gid == gid else o_bit))
+
+@lru_cache(maxsize=None)
+def writable_places(user=None, root: str = "/") -> tuple:
+    "(path, mode, uid, gid) of every folder under `root` (not /proc, /sys) where the sandbox user can create files: "
+    "world-writable ones, and as `nobody` also that user's or group's own. Walked through the folders it can enter."
+    found, stack = [], [root]
+    while stack:
+        try: entries = list(os.scandir(stack.pop()))
+        except OSError: continue
+        for e in entries:
+            if e.path in _NOT_PLACES: continue
+            try:
+                if not e.is_dir(follow_symlinks=False): continue
+                st = e.stat(follow_symlinks=False)
+            except OSError: continue
+            if user: enter, write = (_allows(st, user, _stat.S_IXUSR, _stat.S_IXGRP, _stat.S_IXOTH),
+                                     _allows(st, user, _stat.S_IWUSR, _stat.S_IWGRP, _stat.S_IWOTH))
+            else: enter, write = os.access(e.path, os.X_OK), bool(st.st_mode & _stat.S_IWOTH)
+            if not enter: continue
+            if write: found.append((e.path, _stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid))
+            stack.append(e.path)
+    return tuple(sorted(found))
+
+def _is_under(path: str, folder: str) -> bool: return os.path.commonpath([path, folder]) == folder
+
+def _top_places(places) -> tuple:
+    "The places not inside another one (a tmpfs on a folder hides everything below it)."
+    return tuple(p for p in places if not any(q[0] != p[0] and _is_under(p[0], q[0]) for q in places))
+
+def _enter_private_view(libc, places, workdir: str):
+    "In the child, before it drops root: its own mount namespace with a fresh tmpfs on each of `places` "
+    "(the program's folder `workdir` bound back in); nothing it writes there reaches the real folders."
+    def check(ret, what):
+        if ret != 0: raise OSError(ctypes.get_errno(), f"private view: {what}")
+    as_root, uid, gid = os.geteuid() == 0, os.getuid(), os.getgid()
+    check(libc.unshare(_CLONE_NEWNS | (0 if as_root else _CLONE_NEWUSER)), "unshare")
+    if not as_root:            # map our own ids into the new user namespace: it lets us mount, in there only
+        for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"), ("gid_map", f"{gid} {gid} 1")):
+            with open(f"/proc/self/{name}", "w") as f: f.write(text)
+    check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make mounts private")   # no leak back out
+    for path, mode, owner, group in _top_places(places):
+        opts = f"{PRIVATE_TMPFS},mode={mode:o}" + (f",uid={owner},gid={group}" if as_root else "")
+        check(libc.mount(b"nanochat-sandbox", path.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, opts.encode()),
+              f"tmpfs on {path}")
+    if any(_is_under(workdir, p[0]) for p in places):    # the cwd still points at the real folder: bind it back
+        os.makedirs(workdir, exist_ok=True)
+        check(libc.mount(b".", workdir.encode(), None, _MS_BIND, None), f"bind {workdir}")
+        os.chdir(workdir)
+
+@lru_cache(maxsize=None)
+def _private_view_works(user, python: str) -> bool:
+    "Whether a child can get the private view here (tried once: namespaces may be off, or `python` hidden by it)."
+    if not sys.platform.startswith("linux"): return False
+    try: r = _quiet_run([python, "-I", "-S", "-c", "print(6 * 7)"], _child_setup([], user, (writable_places(user), "/")))
+    except (OSError, subprocess.SubprocessError): return False
+    return r.returncode == 0 and r.stdout.strip() == b"42"
+
+def _private_view(user, python: str, workdir: str):
+    "The `view` argument of `_child_setup` for this run, or None (with a warning for an ordinary user) if unavailable."
+    if _private_view_works(user, python): return writable_places(user), workdir
+    if user is None and sys.platform.startswith("linux"):
+        warnings.warn("sandbox: no private view of the shared folders here (no user namespaces): files a program "
+                      "writes in /tmp and other world-writable folders stay after it")
+    return None
 
 # %% ../notebooks/04d_sandbox.ipynb #2e8bb862
 _CHUNK = 65536
@@ -300,13 +379,13 @@ def _make_workdir(code: str, user) -> str:
         _remove_tree(workdir); raise
     return workdir
 
-def _start(python: str, workdir: str, stdin: str, limits: list, user) -> subprocess.Popen:
-    "Start the program in its own session, with its limits, as the sandbox user."
+def _start(python: str, workdir: str, stdin: str, limits: list, user, view=None) -> subprocess.Popen:
+    "Start the program in its own session, with its private view and limits, as the sandbox user."
     stdin_f = _stdin_file(stdin)
     try:
         proc = subprocess.Popen([python, "-I", "-S", "-B", "-u", "program.py"], cwd=workdir, env=_child_env(workdir),
                                 stdin=stdin_f, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                start_new_session=True, preexec_fn=_child_setup(limits, user))
+                                start_new_session=True, preexec_fn=_child_setup(limits, user, view))
     finally:
         if stdin_f is not subprocess.DEVNULL: stdin_f.close()
     for f in (proc.stdout, proc.stderr): os.set_blocking(f.fileno(), False)
@@ -342,7 +421,7 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_o
         started, workdir = time.time(), _make_workdir(code, user)
         try:
             t0 = time.monotonic()
-            proc = _start(python, workdir, stdin, limits, user)
+            proc = _start(python, workdir, stdin, limits, user, _private_view(user, python, workdir))
             pipes = [(proc.stdout, out), (proc.stderr, err)]
             try: timed_out = _read_until(proc, pipes, t0 + timeout_s)
             finally: _stop(proc, pipes)
@@ -350,7 +429,7 @@ def run_untrusted(code: str, timeout_s: float = 5.0, memory_mb: int = 512, max_o
         finally:
             if user: _kill_everything_of(user, python)
             _remove_tree(workdir)
-            if user: _remove_strays(user[0], started)
+            if user: _remove_strays(user[0], started, writable_places(user))
     return _result(proc.returncode, out, err, timed_out, duration)
 
 # %% ../notebooks/04d_sandbox.ipynb #ec3157e2

@@ -4,11 +4,12 @@
 
 # %% auto #0
 __all__ = ['GPT4_SPLIT_PATTERN', 'SPLIT_PATTERN', 'SPECIAL_TOKENS', 'PART_TYPES', 'REFERENCE_SOURCES', 'SAMPLE_TEXTS',
-           'TOKENIZER_FORMAT', 'TOKENIZER_FORMAT_VERSION', 'RANKS_FILE', 'CONFIG_FILE', 'count_pairs', 'merge_pair',
-           'compile_pattern', 'split_chunks', 'count_chunks', 'best_pair', 'train_bpe_python', 'ranks_from_merges',
-           'bpe_parts', 'merges_from_ranks', 'rust_bpe', 'train_bpe_rust', 'rust_merges', 'check_ranks', 'Tokenizer',
-           'normalize_messages', 'assistant_parts', 'parse_ranks', 'reference_ranks_file', 'reference_encoding',
-           'count_tokens', 'compression_table', 'compression_markdown', 'ranks_text']
+           'TOKENIZER_FORMAT', 'TOKENIZER_FORMAT_VERSION', 'RANKS_FILE', 'CONFIG_FILE', 'PATTERN_PROBE',
+           'PATTERN_TIMEOUT_S', 'count_pairs', 'merge_pair', 'compile_pattern', 'split_chunks', 'count_chunks',
+           'best_pair', 'train_bpe_python', 'ranks_from_merges', 'bpe_parts', 'merges_from_ranks', 'rust_bpe',
+           'train_bpe_rust', 'rust_merges', 'check_ranks', 'Tokenizer', 'normalize_messages', 'assistant_parts',
+           'parse_ranks', 'reference_ranks_file', 'reference_encoding', 'count_tokens', 'compression_table',
+           'compression_markdown', 'ranks_text', 'check_pattern']
 
 # %% ../notebooks/01_tokenizer.ipynb #ed3c71da
 import base64, hashlib, html, json, os, threading, unicodedata
@@ -552,6 +553,7 @@ def compression_markdown(rows) -> str:
     return "\n".join(lines)
 
 # %% ../notebooks/01_tokenizer.ipynb #6f322aec
+import contextlib, sys
 TOKENIZER_FORMAT, TOKENIZER_FORMAT_VERSION = "nanochat-tokenizer", 1
 RANKS_FILE, CONFIG_FILE = "ranks.tiktoken", "tokenizer.json"
 
@@ -571,35 +573,118 @@ def save(self: Tokenizer, directory) -> Path:
     atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return d
 
+def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)
+
+def _short(v, n: int = 60) -> str:
+    r = repr(v)
+    return r if len(r) <= n else r[:n - 3] + "..."
+
 def _load_config(d: Path) -> dict:
+    "tokenizer.json of folder `d`, every field checked; a one-line ValueError names the file and the field."
     path = d / CONFIG_FILE
     if not path.is_file():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {d}: not a saved tokenizer (save one with Tokenizer.save)")
-    try: config = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e: raise ValueError(f"{path} is not valid JSON ({e}); the file is corrupted") from None
+    def bad(field, why): return ValueError(f"{path}: {field}: {why}")
+    try: text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}); the file is corrupted") from None
+    try: config = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise ValueError(f"{path} is not valid JSON ({_short(str(e), 100)[1:-1]}); the file is corrupted") from None
     if not isinstance(config, dict) or config.get("format") != TOKENIZER_FORMAT:
-        raise ValueError(f"{path} is not a {TOKENIZER_FORMAT} file (format={config.get('format') if isinstance(config, dict) else None!r})")
-    if config.get("version") != TOKENIZER_FORMAT_VERSION:
-        raise ValueError(f"{path} has format version {config.get('version')!r}; this code reads version "
+        raise ValueError(f"{path} is not a {TOKENIZER_FORMAT} file "
+                         f"(format={_short(config.get('format')) if isinstance(config, dict) else None})")
+    if not _is_int(config.get("version")) or config["version"] != TOKENIZER_FORMAT_VERSION:
+        raise ValueError(f"{path} has format version {_short(config.get('version'))}; this code reads version "
                          f"{TOKENIZER_FORMAT_VERSION}. Retrain the tokenizer or use a matching nanochat_lib")
     missing = [k for k in ("pattern", "special_tokens", "bos", "vocab_size", "ranks_sha256") if k not in config]
     if missing: raise ValueError(f"{path} lacks the keys {missing}")
+    if not isinstance(config.get("name", ""), str): raise bad("name", f"must be a string, got {_short(config['name'])}")
+    if not isinstance(config["pattern"], str) or not config["pattern"]:
+        raise bad("pattern", f"must be a non-empty string (a regex), got {_short(config['pattern'])}")
+    sha = config["ranks_sha256"]
+    if not (isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdef" for c in sha)):
+        raise bad("ranks_sha256", f"must be 64 lower-case hex digits, got {_short(sha)}")
+    for key in ("vocab_size", "n_ranks"):
+        if key in config and not (_is_int(config[key]) and 256 <= config[key] <= 2**31):
+            raise bad(key, f"must be an integer in [256, 2**31], got {_short(config[key])}")
+    specials = config["special_tokens"]
+    if not isinstance(specials, dict) or not specials:
+        raise bad("special_tokens", f"must be a non-empty object of token -> id, got {_short(specials)}")
+    for name, i in specials.items():
+        if not name: raise bad("special_tokens", "a special token has an empty name")
+        if not _is_int(i) or i < 0: raise bad("special_tokens", f"the id of {name!r} must be an integer >= 0, got {_short(i)}")
+    if not isinstance(config["bos"], str) or config["bos"] not in specials:
+        raise bad("bos", f"must name one of the special tokens {list(specials)[:10]}, got {_short(config['bos'])}")
     return config
+
+def _check_special_ids(specials: dict, n_ranks: int, path) -> None:
+    "Special ids must be n_ranks, n_ranks+1, ... each once: after the learned tokens, no gaps (a huge id would "
+    "make a huge vocabulary), no collisions."
+    ids = sorted(specials.values())
+    if ids != list(range(n_ranks, n_ranks + len(ids))):
+        dup = sorted({i for i in ids if ids.count(i) > 1})
+        why = (f"ids {dup} are used twice" if dup else f"id {ids[0]} collides with the {n_ranks} mergeable ranks"
+               if ids[0] < n_ranks else f"ids must be {n_ranks}..{n_ranks + len(ids) - 1}, got {_short(ids)}")
+        raise ValueError(f"{path}: special_tokens: {why}")
+
+PATTERN_PROBE = ("Hello world! It's 2025: 3.14159 + 42 = 45.14159; naïve café, Ünïcödé, 日本語のテキスト, Привет, "
+                 "مرحبا, 🙂👋🏽\n\n\tdef f(x):\n        return x[0] + 1  # code\r\n" + "a" * 300 + " " * 100 + "9" * 100
+                 + "!?" * 50 + " word" * 60 + "a1!" * 50 + "<|bos|><|user_start|>" + "\u200b\ufeff\x00\x7f")
+PATTERN_TIMEOUT_S = 2.0     # the probe takes milliseconds; a pattern that backtracks takes forever
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    "Silence file descriptor 2 for a moment (a Rust panic prints its backtrace there before Python sees it)."
+    sys.stderr.flush()
+    saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    try: os.dup2(null, 2); yield
+    finally: os.dup2(saved, 2); os.close(saved); os.close(null)
+
+def check_pattern(enc: tiktoken.Encoding, pattern: str, probe: str = PATTERN_PROBE, timeout_s: float = PATTERN_TIMEOUT_S):
+    "Encode `probe` with `pattern`, in tiktoken (whose regex engine gives up on heavy backtracking), then in Python's "
+    "`regex` under a time limit: ValueError if either fails or drops text (a split pattern must cover every character)."
+    try:
+        with _quiet_stderr(): ids = enc.encode_ordinary(probe)
+    except (KeyboardInterrupt, SystemExit): raise
+    except BaseException as e:                  # tiktoken's regex engine gives up: a Rust panic, not an Exception
+        raise ValueError(f"tiktoken failed on a probe text ({_short(str(e), 100)[1:-1]}): the pattern backtracks "
+                         "too much") from None
+    if enc.decode(ids) != probe:
+        raise ValueError("the pattern does not match every character of a probe text: text between its matches "
+                         "would be dropped")
+    try: covered = "".join(m.group(0) for m in regex.finditer(pattern, probe, timeout=timeout_s))
+    except TimeoutError: raise ValueError(f"splitting a {len(probe)}-character probe took over {timeout_s:g} s: the "
+                                          "pattern backtracks catastrophically") from None
+    except regex.error as e: raise ValueError(f"invalid split pattern: {e}") from None
+    if covered != probe: raise ValueError("Python's regex splits a probe text differently: text would be dropped")
 
 @patch(cls_method=True)
 def load(cls: Tokenizer, directory) -> Tokenizer:
-    "The tokenizer saved in `directory`, every file checked."
+    "The tokenizer saved in `directory`, every field checked and a probe text encoded; errors name file and field."
     d = Path(directory)
     if not d.is_dir(): raise FileNotFoundError(f"tokenizer folder {d} does not exist (train and save a tokenizer first)")
-    config = _load_config(d)
+    config, cpath = _load_config(d), d / CONFIG_FILE
     rpath = d / RANKS_FILE
     if not rpath.is_file(): raise FileNotFoundError(f"{rpath} is missing: the saved tokenizer is incomplete")
     data = rpath.read_bytes()
     if hashlib.sha256(data).hexdigest() != config["ranks_sha256"]:
         raise ValueError(f"{rpath} does not match the sha256 recorded in {CONFIG_FILE}: the file is corrupted or was "
                          "edited; re-save or retrain the tokenizer")
-    tok = cls(parse_ranks(data, str(rpath)), config["pattern"], config["special_tokens"],
-              name=config.get("name", "nanochat"), bos=config["bos"])
+    try: ranks = check_ranks(parse_ranks(data, str(rpath)))
+    except ValueError as e: raise ValueError(e.args[0] if str(rpath) in str(e) else f"{rpath}: {e}") from None
+    if config.get("n_ranks", len(ranks)) != len(ranks):
+        raise ValueError(f"{cpath}: n_ranks: says {config['n_ranks']} but {RANKS_FILE} has {len(ranks)}")
+    _check_special_ids(config["special_tokens"], len(ranks), cpath)
+    try: compile_pattern(config["pattern"])
+    except ValueError as e: raise ValueError(f"{cpath}: pattern: {e}") from None
+    try: tok = cls(ranks, config["pattern"], config["special_tokens"], name=config.get("name") or "nanochat",
+                   bos=config["bos"])
+    except (KeyboardInterrupt, SystemExit): raise
+    except BaseException as e:                  # tiktoken's own refusal of the pattern (or a panic)
+        raise ValueError(f"{cpath}: pattern: tiktoken cannot use it ({_short(str(e), 100)[1:-1]})") from None
     if tok.vocab_size != config["vocab_size"]:
-        raise ValueError(f"{CONFIG_FILE} says vocab_size {config['vocab_size']} but the files give {tok.vocab_size}")
+        raise ValueError(f"{cpath}: vocab_size: says {config['vocab_size']} but the files give {tok.vocab_size}")
+    try: check_pattern(tok.enc, tok.pattern)
+    except ValueError as e: raise ValueError(f"{cpath}: pattern: {e}") from None
     return tok

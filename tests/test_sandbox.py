@@ -4,7 +4,7 @@ Attacks are kept small (1-2 s timeouts, 256 MB memory limits). The fork-bomb tes
 RLIMIT_NPROC, which the kernel enforces only for non-root users: as root the sandbox runs programs
 as `nobody`, and these tests also check that nothing of that user is left afterwards.
 """
-import os, subprocess, sys, time, tracemalloc
+import os, shutil, subprocess, sys, time, tracemalloc
 import pytest
 from nanochat_lib import sandbox
 from nanochat_lib.sandbox import (MAX_PROCESSES, SandboxResult, check_completion, humaneval_program, run_untrusted,
@@ -205,7 +205,81 @@ def test_files_left_in_shared_tmp_are_removed_and_ours_are_not_writable(tmp_path
     assert r.success and not os.path.exists(stray) and not os.path.exists(stray + "-dir")
     target = tmp_path / "evil.txt"
     r = run_untrusted(f"open({str(target)!r}, 'w').write('x')")
-    assert not r.success and r.error.startswith("PermissionError") and not target.exists()
+    # our folder is closed to nobody (PermissionError), or, in the private view of /tmp, not there at all
+    assert not r.success and r.error.startswith(("PermissionError", "FileNotFoundError")) and not target.exists()
+
+
+# The program walks the filesystem and plants a file, a folder and a file in it in every folder it may write to
+# (as `nobody`: every one it can; as an ordinary user: the world-writable ones, not our own files).
+PLANT = r"""
+import os, stat
+token, anywhere, written, stack = {token!r}, {anywhere!r}, [], ["/"]
+while stack:
+    d = stack.pop()
+    try: entries = list(os.scandir(d))
+    except OSError: continue
+    for e in entries:
+        if e.path in ("/proc", "/sys") or e.path == os.getcwd() or e.name.startswith(token): continue
+        try:
+            if not e.is_dir(follow_symlinks=False) or not os.access(e.path, os.X_OK): continue
+            st = e.stat(follow_symlinks=False)
+        except OSError: continue
+        stack.append(e.path)
+        if os.access(e.path, os.W_OK) and (anywhere or st.st_mode & stat.S_IWOTH):
+            p = os.path.join(e.path, token)
+            try:
+                open(p, "w").write("x"); os.mkdir(p + "-dir"); open(p + "-dir/inner", "w").write("x")
+                written.append(p)
+            except OSError: pass
+print("\n".join(written))
+"""
+
+
+def plant_everywhere(token: str) -> list:
+    r = run_untrusted(PLANT.format(token=token, anywhere=USER is not None), timeout_s=60)
+    assert r.success, r.stderr
+    return r.stdout.split()
+
+
+def found_on_disk(token: str) -> list:
+    "Entries named after `token` in every place the sandbox user could write to (and the usual temporary folders)."
+    places = {p[0] for p in sandbox.writable_places(USER)} | {"/tmp", "/var/tmp", "/dev/shm", "/run/lock"}
+    hits = []
+    for d in places:
+        try: hits += [os.path.join(d, n) for n in os.listdir(d) if n.startswith(token)]
+        except OSError: pass
+    return hits
+
+
+def test_writable_places_are_found():
+    places = {p[0]: p for p in sandbox.writable_places(USER)}
+    assert "/tmp" in places and places["/tmp"][1] & 0o002
+    assert all(not p.startswith(("/proc/", "/sys/")) for p in places)
+    assert sandbox._top_places([("/a", 0, 0, 0), ("/a/b", 0, 0, 0), ("/ab", 0, 0, 0)]) == (("/a", 0, 0, 0), ("/ab", 0, 0, 0))
+
+
+def test_nothing_is_left_in_any_world_writable_place():
+    token = f"nanochat-plant-{os.getpid()}-{time.time_ns()}"
+    written = plant_everywhere(token)
+    tops = {p[0] for p in sandbox._top_places(sandbox.writable_places(USER))}
+    assert tops <= {os.path.dirname(w) for w in written}          # it did write in every place it could see
+    assert not [w for w in written if os.path.lexists(w)] and not found_on_disk(token)
+
+
+def test_without_a_private_view_the_sweep_cleans_every_writable_place(monkeypatch):
+    if not USER: pytest.skip("the sweep needs a uid of its own (root); an ordinary user relies on the private view")
+    nested = f"/tmp/nanochat-shared-{os.getpid()}"                # a world-writable folder inside another one
+    os.mkdir(nested); os.chmod(nested, 0o1777)
+    try:
+        sandbox.writable_places.cache_clear()
+        monkeypatch.setattr(sandbox, "_private_view_works", lambda user, python: False)
+        token = f"nanochat-sweep-{os.getpid()}-{time.time_ns()}"
+        written = plant_everywhere(token)
+        assert "/run/lock/" + token in written and f"{nested}/{token}" in written
+        assert not [w for w in written if os.path.lexists(w)] and not found_on_disk(token)
+    finally:
+        shutil.rmtree(nested, ignore_errors=True)
+        sandbox.writable_places.cache_clear()
 
 
 def test_file_size_is_limited():

@@ -4,7 +4,7 @@ disconnects, the command line on a real tiny checkpoint, and the web page in hea
 Hermetic: uvicorn on 127.0.0.1 (a free port) in a thread or a subprocess; rule-driven stand-in models (servekit)
 whose replies are known exactly, and a tiny random checkpoint for the command line.
 """
-import json, os, socket, subprocess, sys, threading, time
+import contextlib, json, math, os, socket, subprocess, sys, threading, time
 from pathlib import Path
 
 import httpx
@@ -382,3 +382,268 @@ def test_page_shows_a_refused_request(server, browser_page):
     page.wait_for_selector(".msg.error")
     assert "temperature" in page.inner_text(".msg.error")
     assert not page.js_errors
+
+
+# ------------------------------------------------------------------------- hostile input: never a 5xx, never early reads
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+from openai import AuthenticationError
+from nanochat_lib.engine import sample_next_token, top_k_top_p
+from nanochat_lib.server import (MAX_JSON_DEPTH, AccessPolicy, access_policy, check_port, host_name, json_depth,
+                                 parse_json_body)
+
+CHAT = "/v1/chat/completions"
+JSON = {"content-type": "application/json"}
+
+
+def post_raw(url, raw: bytes, headers=JSON, **kw):
+    return httpx.post(url + CHAT, content=raw, headers=headers, timeout=30, **kw)
+
+
+@pytest.mark.parametrize("key,value", [("temperature", float("nan")), ("temperature", float("inf")),
+                                       ("top_p", float("nan")), ("top_p", float("-inf")), ("top_k", float("inf")),
+                                       ("max_tokens", float("nan")), ("seed", float("inf")), ("top_p", 1.5),
+                                       ("seed", 2**64), ("top_k", 10**400)])
+def test_sampling_numbers_must_be_finite_and_in_range(key, value):
+    with pytest.raises(RequestError) as e: parse_chat_request({"messages": USER, key: value}, LIMITS)
+    assert e.value.status == 400 and e.value.param == key and len(e.value.message) < 120
+
+
+def test_non_finite_json_numbers_are_refused_over_http(server):
+    for raw in (b'{"messages": [{"role": "user", "content": "hi"}], "temperature": NaN}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "top_p": Infinity}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "temperature": -Infinity}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "top_p": 1e999}',
+                b'{"messages": [{"role": "user", "content": "hi"}], "top_k": ' + b"9" * 5000 + b"}"):
+        r = post_raw(server.url, raw)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "malformed_json", raw[-40:]
+
+
+def test_a_tiny_top_p_or_temperature_keeps_the_best_candidate(server):
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.0]])
+    vals, ids = top_k_top_p(logits, None, 1e-46)                       # below float32's smallest number
+    assert ids[0, 0] == 1 and torch.isfinite(vals).sum() == 1
+    g = torch.Generator().manual_seed(0)
+    for t in (5e-324, 1e-300, 1e-30):
+        assert sample_next_token(logits, g, t).item() == 1                 # no inf - inf = NaN
+        assert sample_next_token(logits, g, t, top_k=3, top_p=1e-46).item() == 1
+    for body in ({"top_p": 1e-46}, {"temperature": 1e-300}, {"temperature": 5e-324, "top_p": 1e-46, "top_k": 1}):
+        r = httpx.post(server.url + CHAT, json={"messages": [{"role": "user", "content": "still fine"}], **body})
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == "still fine", body
+
+
+def test_json_depth_counts_brackets_outside_strings():
+    assert json_depth(b"") == 0 and json_depth(b"1") == 0 and json_depth(b"[]") == 1
+    assert json_depth(b'{"a": "]]]{{{[[[", "b": [{"c": []}]}') == 4
+    assert json_depth(rb'["a\"[[[", [["\\"], [1]]]') == 3              # escaped quotes do not end a string
+    assert json_depth(b'["unterminated [[[[') == 1
+    deep = b"[" * 100_000 + b"]" * 100_000
+    assert json_depth(deep) == 100_000
+    with pytest.raises(RequestError) as e: parse_json_body(deep)
+    assert e.value.code == "json_too_deep"
+    ok = b'{"messages": [{"role": "user", "content": [{"type": "text", "text": "a"}]}]}'
+    assert json_depth(ok) == 5 <= MAX_JSON_DEPTH and parse_json_body(ok)["messages"][0]["role"] == "user"
+
+
+def test_deep_json_is_a_400_not_a_recursion_error(server):
+    for raw in (b"[" * 200_000 + b"]" * 200_000, b'{"messages": ' + b"[" * 5000, b'{"a":' * 3000 + b"1" + b"}" * 3000):
+        r = post_raw(server.url, raw)
+        assert r.status_code in (400, 413) and "error" in r.json()
+
+
+def test_only_json_bodies_are_read(server):
+    body = json.dumps({"messages": USER}).encode()
+    for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+        r = post_raw(server.url, body, headers={"content-type": ctype} if ctype else {})
+        assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", ctype
+    assert post_raw(server.url, body, headers={"content-type": "application/json; charset=utf-8"}).status_code == 200
+    r = httpx.post(server.url + CHAT, data={"messages": "x"})                         # an HTML form
+    assert r.status_code == 415
+
+
+def _read_response(sock, timeout: float) -> bytes:
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            got = sock.recv(65536)
+            if not got: break
+            data += got
+    except (socket.timeout, ConnectionResetError): pass
+    return data
+
+
+def test_a_declared_huge_body_is_refused_before_it_is_sent(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {50 * 2**20}\r\n\r\n".encode() + b'{"messages": [')
+        reply = _read_response(s, 10)                                  # the other 50 MB never come: no waiting for them
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
+
+
+def test_a_chunked_huge_body_is_cut_off_at_the_limit(server):
+    chunk, sent, reply = b"[" + b" " * 65535, 0, b""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(f"POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nContent-Type: application/json\r\n"
+                  f"Transfer-Encoding: chunked\r\n\r\n".encode())
+        try:
+            while sent < 50 * 2**20:
+                s.sendall(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+                sent += len(chunk)
+                s.settimeout(0.001)
+                with contextlib.suppress(socket.timeout, BlockingIOError): reply += s.recv(65536)
+                s.settimeout(10)
+                if reply: break
+        except (BrokenPipeError, ConnectionResetError): pass
+        reply += _read_response(s, 5)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:100]
+    assert sent < LIMITS.max_body_bytes + 4 * 2**20                    # refused near the limit, not after 50 MB
+
+
+def test_host_names_and_policies():
+    assert host_name("127.0.0.1:8000") == "127.0.0.1" and host_name("[::1]:80") == "::1" and host_name("::1") == "::1"
+    assert host_name("LocalHost.:8000") == "localhost" and host_name("") == ""
+    assert access_policy("127.0.0.1").hosts == ("127.0.0.1", "localhost", "::1")
+    assert "box.lan" in access_policy("box.lan").hosts and access_policy("0.0.0.0").hosts == ("*",)
+    p = access_policy("0.0.0.0", allowed_hosts="chat.example.org, 10.0.0.5:8000", api_key="k")
+    assert p.hosts == ("chat.example.org", "10.0.0.5") and p.api_key == "k"
+    assert access_policy("127.0.0.1", api_key="").api_key is None
+    assert check_port(0) == 0 and check_port(65535) == 65535
+    for bad in (99999, -1, "80", True):
+        with pytest.raises(ValueError, match="--port: must be a port number"): check_port(bad)
+
+
+def test_foreign_hosts_and_origins_are_refused(server):
+    port, served = server.port, wait_idle(server.url)["served"]
+    ok = {"messages": USER}
+    for headers, status, code in (({"host": "evil.example"}, 400, "host_not_allowed"),
+                                  ({"host": f"attacker.test:{port}"}, 400, "host_not_allowed"),
+                                  ({"origin": "https://evil.example"}, 403, "origin_not_allowed"),
+                                  ({"origin": "null"}, 403, "origin_not_allowed"),
+                                  ({"origin": f"http://127.0.0.1:{port + 1}"}, 403, "origin_not_allowed")):
+        r = httpx.post(server.url + CHAT, json=ok, headers=headers)
+        assert r.status_code == status and r.json()["error"]["code"] == code, headers
+    assert httpx.get(server.url + "/", headers={"host": "rebound.example"}).status_code == 400
+    assert wait_idle(server.url)["served"] == served                       # none of it reached a worker
+    for headers in ({"origin": f"http://127.0.0.1:{port}"}, {"host": f"localhost:{port}", "origin": f"http://localhost:{port}"},
+                    {"host": f"[::1]:{port}"}):
+        assert httpx.post(server.url + CHAT, json=ok, headers=headers).status_code == 200, headers
+    with ServerThread(create_app(echo_engines(1), "open", LIMITS, policy=access_policy(
+            "0.0.0.0", allowed_origins="http://ui.example:3000"))) as srv:
+        assert httpx.post(srv.url + CHAT, json=ok, headers={"host": "anything.example"}).status_code == 200
+        assert httpx.post(srv.url + CHAT, json=ok, headers={"origin": "http://ui.example:3000"}).status_code == 200
+        assert httpx.post(srv.url + CHAT, json=ok, headers={"origin": "http://ui.example:3001"}).status_code == 403
+
+
+def test_errors_have_openai_shape_everywhere(server):
+    for r in (httpx.get(server.url + "/nope"), httpx.get(server.url + CHAT)):
+        err = r.json()["error"]
+        assert r.status_code in (404, 405) and err["message"] and err["type"] == "invalid_request_error"
+
+
+@pytest.fixture(scope="module")
+def keyed_server():
+    with ServerThread(create_app(echo_engines(1), "keyed", LIMITS, policy=AccessPolicy(api_key="sk-test-123"))) as srv:
+        yield srv
+
+
+def test_api_key_is_what_the_openai_client_sends(keyed_server):
+    url = keyed_server.url
+    good = OpenAI(base_url=f"{url}/v1", api_key="sk-test-123", max_retries=0, timeout=20)
+    r = good.chat.completions.create(model="keyed", messages=[{"role": "user", "content": "with key"}])
+    assert r.choices[0].message.content == "with key"
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=f"{url}/v1", api_key="sk-wrong", max_retries=0, timeout=20).models.list()
+    for headers in ({}, {"authorization": "sk-test-123"}, {"authorization": "Basic sk-test-123"},
+                    {"authorization": "Bearer sk-test-12"}):
+        r = httpx.post(url + CHAT, json={"messages": USER}, headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key", headers
+    assert httpx.get(url + "/health").status_code == 401
+    assert httpx.get(url + "/health", headers={"authorization": "Bearer sk-test-123"}).json()["model"] == "keyed"
+    page = httpx.get(url + "/")                                            # the page is public: it asks for the key
+    assert page.status_code == 200 and "const NEEDS_KEY = true" in page.text and "sk-test-123" not in page.text
+
+
+def test_the_page_sends_the_api_key(keyed_server, browser_page):
+    page = browser_page
+    page.goto(keyed_server.url + "/")
+    assert page.is_visible("#apikey")
+    page.fill("#input", "no key yet")
+    page.press("#input", "Enter")
+    page.wait_for_selector(".msg.error")
+    assert "API key" in page.inner_text(".msg.error")
+    page.fill("#apikey", "sk-test-123")
+    page.dispatch_event("#apikey", "change")
+    page.fill("#input", "now with the key")
+    page.press("#input", "Enter")
+    page.wait_for_function("document.querySelectorAll('.msg.assistant.done').length == 2")
+    assert page.locator(".msg.assistant").nth(1).inner_text() == "now with the key" and not page.js_errors
+
+
+# Arbitrary JSON values, wrong types, extreme numbers and deep nesting, in and around a chat request.
+NUMBERS = (st.integers() | st.floats(allow_nan=True, allow_infinity=True)
+           | st.sampled_from([0, -0.0, 1, -1, 1e-46, 5e-324, 1e-300, 2.0000001, 1e308, 2**53, 2**63, 2**64, -2**63]))
+LEAF = st.none() | st.booleans() | NUMBERS | st.text(max_size=12)
+JSONV = st.recursive(LEAF, lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c, max_size=3),
+                     max_leaves=12)
+ROLE = st.sampled_from(["user", "assistant", "system", "tool", "", None]) | JSONV
+CONTENT = st.text(max_size=30) | st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": st.text(max_size=8)}),
+                                           max_size=3) | JSONV
+MESSAGE = st.fixed_dictionaries({"role": ROLE, "content": CONTENT}) | JSONV
+FIELDS = ["temperature", "top_p", "top_k", "max_tokens", "max_completion_tokens", "seed", "n", "stream",
+          "stream_options", "model"]
+ALTERNATING = st.integers(0, 2).flatmap(lambda k: st.lists(st.text(max_size=20), min_size=2 * k + 1, max_size=2 * k + 1)).map(
+    lambda xs: [{"role": ("user", "assistant")[i % 2], "content": x} for i, x in enumerate(xs)])   # a valid conversation
+IN_RANGE = st.floats(0, 2) | st.integers(0, 100) | st.just(1e-46)
+REQUEST = st.fixed_dictionaries(
+    {"messages": st.lists(MESSAGE, max_size=5) | ALTERNATING},
+    optional={k: IN_RANGE | NUMBERS | JSONV | st.booleans() for k in FIELDS}) | JSONV
+DEEP = st.integers(1, 3000).map(lambda n: b'{"messages": ' + b"[" * n + b"]" * n + b"}")
+
+
+@settings(max_examples=400, deadline=None)
+@given(REQUEST)
+def test_parse_never_fails_other_than_with_a_4xx(body):
+    try: req = parse_chat_request(body, LIMITS)
+    except RequestError as e:
+        assert 400 <= e.status < 500 and e.message
+        return
+    assert all(math.isfinite(x) for x in (req.temperature, req.top_p or 1))
+    assert 0 <= req.temperature <= LIMITS.max_temperature and 1 <= req.max_tokens <= LIMITS.max_tokens
+    assert req.messages[-1]["role"] == "user" and all(isinstance(m["content"], str) for m in req.messages)
+    prompt_ids(TOK, req.messages)
+
+
+@pytest.fixture(scope="module")
+def fast_server():
+    with ServerThread(create_app(echo_engines(1), "fast", LIMITS)) as srv:
+        yield srv
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=REQUEST.map(lambda b: json.dumps(b).encode()) | DEEP | st.binary(max_size=64))
+def test_no_request_body_gets_a_5xx(fast_server, body):
+    r = post_raw(fast_server.url, body)
+    assert r.status_code < 500, (r.status_code, r.text[:200])
+    if r.status_code == 200:
+        obj = r.json() if r.headers["content-type"].startswith("application/json") else None
+        if obj is not None: assert obj["object"] == "chat.completion"
+        else: assert '"error"' not in r.text and r.text.endswith("data: [DONE]\n\n")
+    else: assert r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------------------- configuration errors: one line each
+
+def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
+    from nanochat_lib import server
+    cases = [(["--profile", "nope"], "nope"), (["--set", "no_equals_sign"], "--set"),
+             (["--set", "serve_max_tokens=0"], "serve_max_tokens"), (["--set", "serve_temperature=hot"], "serve_temperature"),
+             (["--port", "99999"], "--port"), (["--set", "serve_port=70000"], "serve_port"), ([], "no run in")]
+    if not torch.cuda.is_available(): cases.append((["--set", "device=cuda"], "device"))
+    for args, named in cases:                        # in this process: what main raises is what python prints
+        with pytest.raises(SystemExit) as e: server.main(args)
+        msg = e.value.code
+        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg and named in msg, (args, msg)
+    p = subprocess.run([sys.executable, "-m", "nanochat_lib.server", "--port", "99999"], cwd=ROOT, capture_output=True,
+                       text=True, env={**os.environ, "NANOCHAT_RUNS": str(runs_tmp)}, timeout=120)
+    assert p.returncode == 1 and p.stderr == "error: --port: must be a port number in [0, 65535], got 99999\n"

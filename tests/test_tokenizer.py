@@ -325,6 +325,84 @@ def test_load_refuses_bad_files(tok, tmp_path):
     _edit_config(d, ranks_sha256=hashlib.sha256(bad.encode()).hexdigest())
     with pytest.raises(ValueError, match="line 1: expected 'base64-token rank'"): Tokenizer.load(d)
 
+def _one_line_error(d, field):
+    "Tokenizer.load(d) fails with a one-line ValueError naming tokenizer.json and `field`."
+    with pytest.raises(ValueError) as e: Tokenizer.load(d)
+    msg = str(e.value)
+    assert "\n" not in msg and str(d / T.CONFIG_FILE) in msg and field in msg, msg
+    return msg
+
+BAD_FIELDS = [
+    ("non-string pattern", dict(pattern=42), "pattern"),
+    ("empty pattern", dict(pattern=""), "pattern"),
+    ("pattern that does not compile", dict(pattern="(unclosed"), "pattern"),
+    ("pattern that drops text", dict(pattern=r"\w+"), "pattern"),
+    ("pattern that backtracks", dict(pattern=r"(a|a)*\1c|\s+|[^\s]+"), "pattern"),
+    ("pattern that backtracks (lookahead)", dict(pattern=r"(?:(a)|a)*?\1?(?=b)|\s+|\S+"), "pattern"),
+    ("huge special id", dict(special_tokens={s: 10**12 + i for i, s in enumerate(SPECIAL_TOKENS)}), "special_tokens"),
+    ("astronomic special id", dict(special_tokens={"<|bos|>": 10**400}), "special_tokens"),
+    ("string special id", dict(special_tokens={"<|bos|>": "591"}), "special_tokens"),
+    ("float special id", dict(special_tokens={"<|bos|>": 591.0}), "special_tokens"),
+    ("bool special id", dict(special_tokens={"<|bos|>": True}), "special_tokens"),
+    ("negative special id", dict(special_tokens={"<|bos|>": -1}), "special_tokens"),
+    ("special tokens not an object", dict(special_tokens=["<|bos|>"]), "special_tokens"),
+    ("empty special name", dict(special_tokens={"": 591}), "special_tokens"),
+    ("bos not a special token", dict(bos="<|nope|>"), "bos"),
+    ("bos not a string", dict(bos=["<|bos|>"]), "bos"),
+    ("vocab_size a string", dict(vocab_size="600"), "vocab_size"),
+    ("vocab_size wrong", dict(vocab_size=601), "vocab_size"),
+    ("n_ranks wrong", dict(n_ranks=590), "n_ranks"),
+    ("sha256 not hex", dict(ranks_sha256=5), "ranks_sha256"),
+    ("name not a string", dict(name={"a": 1}), "name"),
+]
+
+@pytest.mark.parametrize("name,changes,field", BAD_FIELDS, ids=[b[0] for b in BAD_FIELDS])
+def test_load_names_the_file_and_field_of_a_bad_config(tok, tmp_path, name, changes, field):
+    d = tok.save(tmp_path / "t")
+    config = json.loads((d / T.CONFIG_FILE).read_text())
+    if "special_tokens" in changes and len(changes["special_tokens"]) == 1 and isinstance(changes["special_tokens"], dict):
+        changes = dict(special_tokens={**config["special_tokens"], **changes["special_tokens"]})  # one bad entry
+    _edit_config(d, **changes)
+    _one_line_error(d, field)
+
+def test_load_refuses_duplicate_and_colliding_special_ids(tok, tmp_path):
+    d = tok.save(tmp_path / "t")
+    specials = json.loads((d / T.CONFIG_FILE).read_text())["special_tokens"]
+    n = len(tok.mergeable_ranks)
+    _edit_config(d, special_tokens={**specials, "<|user_start|>": specials["<|bos|>"]})
+    assert "used twice" in _one_line_error(d, "special_tokens")
+    _edit_config(d, special_tokens={**specials, "<|bos|>": 100})                     # a learned token's id
+    assert "collides with the" in _one_line_error(d, "special_tokens")
+    _edit_config(d, special_tokens={**specials, "<|bos|>": n + 50})                  # a gap
+    assert f"must be {n}..{n + len(specials) - 1}" in _one_line_error(d, "special_tokens")
+
+def test_load_refuses_files_that_are_not_utf8_json(tok, tmp_path):
+    d = tok.save(tmp_path / "t")
+    p = d / T.CONFIG_FILE
+    p.write_bytes(p.read_bytes().replace(b'"nanochat-tokenizer"', b'"nanochat-\xff\xfetokenizer"'))
+    with pytest.raises(ValueError, match="is not UTF-8 text") as e: Tokenizer.load(d)
+    assert str(p) in str(e.value)
+    p.write_text("[" * 100000 + "]" * 100000)                                     # deep enough to recurse
+    with pytest.raises(ValueError, match="not valid JSON|is not a nanochat-tokenizer file"): Tokenizer.load(d)
+    for missing in ("pattern", "special_tokens", "bos", "vocab_size", "ranks_sha256"):
+        d2 = tok.save(tmp_path / missing)
+        config = json.loads((d2 / T.CONFIG_FILE).read_text()); del config[missing]
+        (d2 / T.CONFIG_FILE).write_text(json.dumps(config))
+        with pytest.raises(ValueError, match=f"lacks the keys \\['{missing}'\\]"): Tokenizer.load(d2)
+    d3 = tok.save(tmp_path / "v")
+    _edit_config(d3, version=True)                                                # True == 1, but it is no version
+    with pytest.raises(ValueError, match="format version True"): Tokenizer.load(d3)
+
+def test_a_backtracking_pattern_is_refused_quietly(tok, tmp_path, capfd):
+    d = tok.save(tmp_path / "t")
+    _edit_config(d, pattern=r"(a|a)*\1c|\s+|[^\s]+")
+    assert "backtracks" in _one_line_error(d, "pattern")
+    assert "panicked" not in capfd.readouterr().err                              # tiktoken's panic stays off stderr
+    enc = tok.enc                                                                 # the Python-regex stage alone
+    with pytest.raises(ValueError, match="took over 0.2 s"):
+        T.check_pattern(enc, r"(?:a|a)*\d|[\s\S]", probe="a" * 40, timeout_s=0.2)
+    assert T.check_pattern(enc, tok.pattern) is None
+
 # ---------------------------------------------------------------------------------------------------
 # Reference encodings (no downloads: pip_fetch serves archives built here)
 
