@@ -14,7 +14,8 @@ A notebook that finished is skipped while its key holds: the resolved settings (
 --set), its code cells and those of the notebooks before it. Edit settings.ini, a --set value or a
 notebook's code and that notebook, and every one after it, runs again; each line says why a
 notebook runs or is skipped (--force re-runs it anyway). So a stopped run resumes where it stopped.
-The report (runs/<name>/report.md) is rewritten after every notebook.
+The report (runs/<name>/report.md) is rewritten after every notebook. Kernels, and the trainers they
+launch, run with PYTHONHASHSEED=0 (unless set): the same commit and profile give the same numbers.
 """
 import argparse, datetime as dt, hashlib, json, os, re, sys, time
 from pathlib import Path
