@@ -1,4 +1,5 @@
 # The course in two commands:  make course  (set up + run the tiny course)  and  make test.
+# While editing: make check (the fast tier: Rust tests + pytest without the course and the browser).
 # Every target bootstraps what it needs; a second run only redoes what changed.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -8,10 +9,11 @@ PROFILE ?= tiny
 NAME ?= $(PROFILE)
 RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/Cargo.lock rustbpe/pyproject.toml rustbpe/nanochat_rustbpe.pyi
 
-.PHONY: setup browser course test lab export clean-nbs bench help
+.PHONY: setup browser course test check lab export bench help
 help:
 	@echo "make course   set up .venv and run the whole course headless (PROFILE=$(PROFILE))"
-	@echo "make test     set up .venv and run the test suite"
+	@echo "make test     set up .venv and run the whole test suite (the tiny course and the browser tests included)"
+	@echo "make check    the fast tier while editing: Rust tests + pytest without the course and the browser tests"
 	@echo "make lab      open JupyterLab on notebooks/"
 	@echo "make export   regenerate nanochat_lib/ from the notebooks (nbdev-export) and clean them"
 	@echo "make bench    tokenizer benchmark: ours vs rustbpe vs HF tokenizers"
@@ -46,6 +48,11 @@ course: setup
 test: setup browser
 	cargo test -q --manifest-path rustbpe/Cargo.toml
 	$(PY) -m pytest -q
+
+# Markers (pyproject.toml): `course` runs the tiny course end to end, `browser` drives Chromium.
+check: setup
+	cargo test -q --manifest-path rustbpe/Cargo.toml
+	$(PY) -m pytest -q -m "not course and not browser"
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

@@ -7,16 +7,23 @@
     python run_all.py --profile gpu1 --set tok_vocab_size=16384 --name my-run
     python run_all.py --profile speedrun --dry-run      # print the plan, run nothing
 
-A notebook that finished with the same parameters is skipped (use --force to re-run it), so a
-stopped run resumes where it stopped. The report (runs/<name>/report.md) is rewritten after
-every notebook.
+The profile and the run name are checked before anything runs (a dry run too): a bad setting is one
+line `error: <key>: <why>` and exit status 2.
+
+A notebook that finished is skipped while its key holds: the resolved settings (every value after
+--set), its code cells and those of the notebooks before it. Edit settings.ini, a --set value or a
+notebook's code and that notebook, and every one after it, runs again; each line says why a
+notebook runs or is skipped (--force re-runs it anyway). So a stopped run resumes where it stopped.
+The report (runs/<name>/report.md) is rewritten after every notebook. Kernels, and the trainers they
+launch, run with PYTHONHASHSEED=0 (unless set): the same commit and profile give the same numbers.
 """
-import argparse, datetime as dt, hashlib, json, re, sys, time
+import argparse, datetime as dt, hashlib, json, os, re, sys, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
-from nanochat_lib.core import load_profile, parse_overrides, profile_names, run_dir  # noqa: E402
+from nanochat_lib.core import (ConfigError, check_device, check_run_name, cli_errors, load_profile,  # noqa: E402
+                               parse_overrides, profile_names, run_dir)
 from nanochat_lib.report import atomic_write_json, write_report  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
@@ -48,8 +55,48 @@ def kernel_name() -> str:
     return KERNEL if KERNEL in KernelSpecManager().find_kernel_specs() else "python3"
 
 
-def params_hash(params: dict) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
+def _sha(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def notebook_hashes(nb: Path) -> dict:
+    "Hashes of a notebook's code cells (what can change a result) and of its prose (what cannot)."
+    cells = json.loads(nb.read_text(encoding="utf-8")).get("cells", [])
+    text = lambda c: "".join(c.get("source", "")) if isinstance(c.get("source"), list) else c.get("source", "")
+    return dict(code=_sha([text(c) for c in cells if c.get("cell_type") == "code"]),
+                prose=_sha([text(c) for c in cells if c.get("cell_type") != "code"]))
+
+
+def notebook_keys(nbs: list, cfg: dict, name: str) -> dict:
+    "Each course notebook's skip key: the resolved settings, its code and the code of every notebook before it."
+    config, upstream, keys = _sha(dict(cfg, run_name=name)), _sha([]), {}
+    for nb in nbs:
+        h = notebook_hashes(nb)
+        keys[nb.stem] = dict(config=config, code=h["code"], prose=h["prose"], upstream=upstream,
+                             key=_sha([config, upstream, h["code"]]))
+        upstream = _sha([upstream, h["code"]])
+    return keys
+
+
+def _changes(old: dict, new: dict, most: int = 4) -> str:
+    keys = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    shown = ", ".join(f"{k} {old.get(k, '(none)')!r} -> {new.get(k, '(none)')!r}" for k in keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def stale_reasons(prev: dict, want: dict, out_exists: bool, configs: dict, cfg: dict) -> list:
+    "Why a notebook must run again (empty: it may be skipped)."
+    if not prev: return ["not run yet"]
+    if prev.get("status") != "completed": return [f"{prev.get('status', 'unfinished')} last time"]
+    if "key" not in prev: return ["finished under an older run_all that did not record its code"]
+    if not out_exists: return ["its executed copy is missing"]
+    why = []
+    if prev.get("config") != want["config"]:
+        old = configs.get(prev.get("config"))
+        why.append("settings changed" + (f" ({_changes(old, cfg)})" if old else ""))
+    if prev.get("code") != want["code"]: why.append("its code changed")
+    if prev.get("upstream") != want["upstream"]: why.append("an earlier notebook's code changed")
+    return why
 
 
 def load_state(rdir: Path) -> dict:
@@ -84,6 +131,7 @@ def print_plan(plan: list, cfg: dict):
     print(f"disk: ~{e['disk_mb']:,.0f} MB (downloads + checkpoints {e['checkpoint_mb']:,.0f} MB)")
 
 
+@cli_errors()
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n", 1)[1])
@@ -98,15 +146,20 @@ def main(argv=None) -> int:
     ap.add_argument("--log-output", action="store_true", help="stream every cell's output to this terminal")
     args = ap.parse_args(argv)
 
-    try:
-        overrides = parse_overrides(args.sets)
-        cfg = load_profile(args.profile, overrides)
-    except (KeyError, ValueError) as e:
-        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
-        return 2
-    name = args.name or args.profile
-    plan = select(course_notebooks(), args.start, args.only)
+    # Everything the run would refuse is refused here, before anything runs (a dry run included).
+    overrides = parse_overrides(args.sets)
+    cfg = load_profile(args.profile, overrides)
+    name = check_run_name(args.name or args.profile)
+    from nanochat_lib.pretrain import make_plan
+    make_plan(cfg, cfg["tok_vocab_size"])                  # model shape and batch sizes fit together
+    nbs = course_notebooks()
+    plan = select(nbs, args.start, args.only)
     params = dict(profile=args.profile, run_name=name, overrides=overrides)
+    try: check_device(cfg)
+    except ConfigError as e:
+        if not args.dry_run: raise
+        # planning a GPU run on a laptop is fine; running it is not
+        print(f"warning: {e} (the plan follows; the run itself would stop here)", file=sys.stderr)
 
     print(f"profile {args.profile} -> runs/{name}/  ({len(plan)} notebooks)")
     for k, v in overrides.items(): print(f"  --set {k}={v}")
@@ -122,17 +175,26 @@ def main(argv=None) -> int:
     state.update(profile=args.profile, overrides=overrides)
     state.setdefault("started", dt.datetime.now().isoformat(timespec="seconds"))
     state.setdefault("notebooks", {})
-    phash = params_hash(params)
+    keys = notebook_keys(nbs, cfg, name)
+    configs = state.setdefault("configs", {})              # settings by hash, to say what changed
+    configs[_sha(dict(cfg, run_name=name))] = cfg
+    # Kernels (and the trainers they launch) get one hash seed: no set or dict order can differ between two runs.
+    os.environ.setdefault("PYTHONHASHSEED", "0")
 
     for i, nb in enumerate(plan, 1):
         out = rdir / nb.name
-        prev = state["notebooks"].get(nb.stem, {})
-        if prev.get("status") == "completed" and prev.get("params") == phash and out.exists() and not args.force:
-            print(f"[{i}/{len(plan)}] {nb.stem}: already finished, skipped (--force re-runs it)")
+        prev, want = state["notebooks"].get(nb.stem, {}), keys[nb.stem]
+        why = ["--force"] if args.force else stale_reasons(prev, want, out.exists(), configs, cfg)
+        if not why:
+            prose = "; its prose changed since (--force refreshes the executed copy)" if prev.get("prose") != want["prose"] else ""
+            print(f"[{i}/{len(plan)}] {nb.stem}: skipped, finished with these settings and this code{prose}")
             continue
-        print(f"[{i}/{len(plan)}] {nb.stem} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out}", flush=True)
+        print(f"[{i}/{len(plan)}] {nb.stem} -> {out.relative_to(ROOT) if out.is_relative_to(ROOT) else out} "
+              f"({'; '.join(why)})", flush=True)
         t0 = time.time()
-        state["notebooks"][nb.stem] = dict(status="running", params=phash, started=dt.datetime.now().isoformat(timespec="seconds"))
+        state["notebooks"][nb.stem] = dict(status="running", **want, started=dt.datetime.now().isoformat(timespec="seconds"))
+        used = {n.get("config") for n in state["notebooks"].values()}
+        for h in [h for h in configs if h not in used]: del configs[h]
         atomic_write_json(rdir / "run.json", state)
         try:
             run_notebook(nb, out, params, args.log_output)

@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['SUMMARY_COLUMNS', 'SUMMARY_ROWS', 'STAGE_ORDER', 'GPU_HOURLY_USD', 'DEFAULT_GPU_HOURLY_USD', 'atomic_write_text',
-           'atomic_write_json', 'record_stage', 'load_stages', 'fmt_value', 'git_info', 'hardware_info',
-           'software_info', 'summary_table', 'render_report', 'write_report']
+           'atomic_write_json', 'record_stage', 'load_stages', 'record_fingerprint', 'load_fingerprints',
+           'fingerprint_table', 'fmt_value', 'git_info', 'hardware_info', 'software_info', 'summary_table',
+           'render_report', 'write_report']
 
 # %% ../notebooks/00c_report.ipynb #567d7b2d
 import datetime as dt, json, os, platform, subprocess, tempfile
@@ -63,6 +64,30 @@ def load_stages(rdir) -> list:
     recs = [r for r in recs if isinstance(r, dict) and "stage" in r]   # other JSON there (e.g. trainers' summaries)
     rank = {s: i for i, s in enumerate(STAGE_ORDER)}
     return sorted(recs, key=lambda r: (rank.get(r["stage"], len(rank)), r["timestamp"]))
+
+# %% ../notebooks/00c_report.ipynb #17971a18
+def record_fingerprint(rdir, name: str, sha256: str, what: str = "") -> Path:
+    "Record the sha256 `sha256` of data `name` (e.g. 'chat/mid/val') in run folder `rdir`; the report lists them."
+    sha256 = str(sha256).lower()
+    if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
+        raise ValueError(f"fingerprint {name!r}: expected a sha256 hex digest (64 hex digits), got {sha256!r}")
+    path = Path(rdir)/"metrics"/"fingerprints.json"
+    prints = load_fingerprints(rdir)
+    prints[name] = dict(sha256=sha256, what=what, timestamp=dt.datetime.now().isoformat(timespec="seconds"))
+    atomic_write_json(path, dict(fingerprints=dict(sorted(prints.items()))))
+    return path
+
+def load_fingerprints(rdir) -> dict:
+    "The fingerprints recorded in run folder `rdir`: {name: {sha256, what, timestamp}}."
+    path = Path(rdir)/"metrics"/"fingerprints.json"
+    return json.loads(path.read_text()).get("fingerprints", {}) if path.exists() else {}
+
+def fingerprint_table(rdir) -> str:
+    "The report's table of data fingerprints (empty text when none is recorded)."
+    prints = load_fingerprints(rdir)
+    if not prints: return ""
+    rows = [f"| {n} | `{p['sha256'][:16]}` | {p.get('what', '')} |" for n, p in sorted(prints.items())]
+    return "\n".join(["| Data | sha256 (first 16) | What |", "|---|---|---|", *rows])
 
 # %% ../notebooks/00c_report.ipynb #01a49d9b
 def fmt_value(v) -> str:
@@ -147,6 +172,7 @@ def render_report(rdir) -> str:
         if r.get("markdown"): out += ["", r["markdown"].strip()]
         for p in r.get("plots", []): out += ["", f"![{Path(p).stem}]({p})"]
         out.append("")
+    if prints := fingerprint_table(rdir): out += ["## Data fingerprints", "", prints, ""]
     out += ["## Summary", "", summary_table(stages), ""]
     nbs = run.get("notebooks", {})
     elapsed = sum(n.get("elapsed_s", 0) for n in nbs.values() if n.get("status") == "completed")

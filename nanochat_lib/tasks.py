@@ -15,7 +15,7 @@ __all__ = ['LETTERS', 'MC_INSTRUCTION', 'HF_URL', 'HF_DATASETS', 'SHUFFLE_SEED',
            'offline_chitchat', 'offline_chatterbot', 'GeneratedTask', 'IdentityTask', 'word_problem', 'WordProblemTask',
            'MCPracticeTask', 'english_words', 'word_list', 'SpellingTask', 'conversation_hash', 'prompt_hash',
            'is_heldout', 'assert_disjoint', 'SubsetTask', 'eval_fingerprints', 'exclude_overlap', 'chat_setting',
-           'eval_task', 'training_mixture']
+           'eval_task', 'training_mixture', 'mixture_fingerprint']
 
 # %% ../notebooks/04e_tasks.ipynb #8b753c7e
 import bisect, collections, copy, functools, gzip, hashlib, json, operator, os, pickle, random, re, time
@@ -989,3 +989,16 @@ def training_mixture(cfg=None, split: str = "train", stage: str = "mid", seed: i
     if split not in ("train", "val"): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     tasks = _train_tasks(cfg, stage) if split == "train" else _val_tasks(cfg)
     return TaskMixture([t for t in tasks if len(t)], seed=seed, name=f"{stage}/{split}")
+
+# %% ../notebooks/04e_tasks.ipynb #201ce421
+def mixture_fingerprint(task, tokenizer=None, max_tokens: int = 10**9) -> str:
+    "sha256 (hex) of `task`'s examples in order: each one's token ids and loss mask rendered by `tokenizer`, or its JSON without one."
+    h = hashlib.sha256()
+    for conv in task:
+        if tokenizer is None:
+            data = json.dumps(conv, sort_keys=True, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+        else:
+            ids, mask = tokenizer.render_conversation(conv, max_tokens=max_tokens)
+            data = array("i", ids).tobytes() + bytes(mask)
+        h.update(len(data).to_bytes(8, "little") + data)     # the length first: no two sequences hash alike
+    return h.hexdigest()

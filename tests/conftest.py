@@ -13,3 +13,10 @@ def runs_tmp(tmp_path, monkeypatch):
     d.mkdir()
     monkeypatch.setenv("NANOCHAT_RUNS", str(d))
     return d
+
+
+def pytest_collection_modifyitems(config, items):
+    "Every test that uses the browser marks itself `browser`, so `make check` (-m 'not browser') can leave it out."
+    for item in items:
+        if "browser_page" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)

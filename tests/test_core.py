@@ -2,8 +2,9 @@ import os, subprocess, sys
 from pathlib import Path
 import pytest, torch
 from nanochat_lib import core
-from nanochat_lib.core import (LaunchError, cache_dir, get_device, list_setting, load_profile, parse_overrides,
-                               profile_names, run_dir, torchrun, torchrun_command)
+from nanochat_lib.core import (ConfigError, LaunchError, cache_dir, check_device, check_run_name, cli_errors, get_device,
+                               list_setting, load_profile, parse_overrides, profile_names, run_dir, torchrun,
+                               torchrun_command)
 
 INI = """
 [DEFAULT]
@@ -43,13 +44,25 @@ def test_overrides_are_parsed_like_settings(ini):
     assert load_profile("small", ["ratio=1e-3"], path=ini)["ratio"] == 1e-3
 
 
-def test_unknown_profile_and_key_list_the_valid_ones(ini):
-    with pytest.raises(KeyError, match="unknown profile 'huge'; valid profiles: small, big"):
+def test_unknown_profile_and_key_name_what_is_valid(ini):
+    with pytest.raises(ConfigError, match="^profile: unknown profile 'huge'; valid profiles: small, big$"):
         load_profile("huge", path=ini)
-    with pytest.raises(KeyError, match=r"unknown setting 'nproc'; valid keys: .*nproc_per_node"):
+    with pytest.raises(ConfigError, match="^nproc: unknown setting; did you mean nproc_per_node"):
         load_profile("small", {"nproc": 2}, path=ini)
-    with pytest.raises(ValueError, match="key=value"):
-        parse_overrides(["nproc_per_node"])
+    with pytest.raises(ConfigError, match="^zzz: unknown setting; valid keys are those of settings.ini"):
+        load_profile("small", ["zzz=1"], path=ini)
+    for bad in (["nproc_per_node"], ["=3"]):
+        with pytest.raises(ConfigError, match="^--set: expects key=value"):
+            parse_overrides(bad)
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_a_profile_key_missing_from_default_is_refused(tmp_path):
+    p = tmp_path / "settings.ini"
+    p.write_text(INI + "\n[typo]\nnproc_per_nod = 2\n")
+    with pytest.raises(ConfigError, match=r"^nproc_per_nod: \[typo\] sets a key that \[DEFAULT\] does not have"):
+        load_profile("typo", path=p)
+    assert load_profile("small", path=p)["device"] == "cpu"       # other profiles are unaffected
 
 
 def test_repo_profiles_exist_and_parse():
@@ -58,9 +71,105 @@ def test_repo_profiles_exist_and_parse():
     for n in names:
         cfg = load_profile(n)
         assert isinstance(cfg["nproc_per_node"], int) and isinstance(cfg["tok_vocab_size"], int)
-        assert cfg["tok_vocab_size"] > 256 + 9
+        assert cfg["tok_vocab_size"] > 256 + 9 and isinstance(cfg["mid_epochs"], float)
     assert load_profile("speedrun")["tok_vocab_size"] == 65536 and load_profile("speedrun")["nproc_per_node"] == 8
     assert load_profile("tiny")["device"] == "cpu" and load_profile("tiny")["corpus"] == "offline"
+
+
+BAD = [  # (override, message): every message names the key first
+    ("depth=0", "depth: must be positive, got 0"),
+    ("depth=abc", "depth: expected an integer, got 'abc'"),
+    ("depth=-3", "depth: must be positive, got -3"),
+    ("depth=2.5", "depth: expected an integer, got '2.5'"),
+    ("max_seq_len=0", "max_seq_len: must be positive, got 0"),
+    ("device=tpu", "device: must be one of auto, cuda, mps, cpu; got 'tpu'"),
+    ("num_iterations=-5", "num_iterations: must be 0 or more, got -5"),
+    ("tok_vocab_size=10", "tok_vocab_size: must be at least 265 (256 byte tokens + 9 special tokens), got 10"),
+    ("mid_epochs=nan", "mid_epochs: expected a number, got 'nan'"),
+    ("mid_epochs=1e999", "mid_epochs: expected a finite number, got '1e999'"),
+    ("mid_epochs=True", "mid_epochs: expected a number, got 'True'"),
+    ("matrix_lr=0", "matrix_lr: must be positive, got 0.0"),
+    ("core_every=-2", "core_every: must be at least -1 (-1 = never, 0 = only at the end), got -2"),
+    ("warmdown_ratio=1.5", "warmdown_ratio: must be between 0 and 1 (a fraction), got 1.5"),
+    ("serve_port=99999", "serve_port: must be between 0 and 65535 (a TCP port), got 99999"),
+    ("compile=maybe", "compile: must be one of auto, True, False; got 'maybe'"),
+    ("compile=1", "compile: must be one of auto, True, False; got '1'"),
+    ("offline_sources=wiki,books", "offline_sources: expected a comma-separated list of wiki, django, pydoc; got 'wiki,books'"),
+    ("offline_sources=", "offline_sources: expected a comma-separated list of wiki, django, pydoc; got ''"),
+    ("fineweb_shards=1", "fineweb_shards: must be at least 2 (at least one training shard and the validation shard), got 1"),
+    ("nnodes=2", "rdzv_endpoint: nnodes=2 needs the host:port of node 0 (--set rdzv_endpoint=...)"),
+    ("node_rank=1", "node_rank: must be below nnodes (1), got 1"),
+    ("serve_temperature=3.0", "serve_temperature: must not exceed serve_max_temperature (2.0), got 3.0"),
+    ("depht=4", "depht: unknown setting; did you mean depth?"),
+]
+
+
+@pytest.mark.parametrize("override,message", BAD, ids=[b[0] for b in BAD])
+def test_bad_values_are_config_errors_naming_the_key(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_profile("tiny", [override])
+    assert str(e.value) == message and e.value.key == message.split(":")[0]
+
+
+def test_values_take_the_type_of_their_default():
+    cfg = load_profile("tiny", {"depth": "4", "mid_epochs": 2, "total_batch_size": "1e4", "compile": "false",
+                                "device": "CPU", "serve_host": "::1", "rdzv_endpoint": "10.0.0.1:29500",
+                                "offline_sources": ["wiki", "pydoc"]})
+    assert (cfg["depth"], cfg["mid_epochs"], cfg["total_batch_size"], cfg["compile"], cfg["device"]) == (4, 2.0, 10000, False, "cpu")
+    assert type(cfg["mid_epochs"]) is float and type(cfg["depth"]) is int
+    assert (cfg["serve_host"], cfg["rdzv_endpoint"], cfg["offline_sources"]) == ("::1", "10.0.0.1:29500", "wiki,pydoc")
+    assert load_profile("tiny", ["compile=True"])["compile"] is True and load_profile("tiny")["compile"] == "auto"
+    assert load_profile("tiny", ["core_every=-1", "num_iterations=0"])["core_every"] == -1
+
+
+def test_every_profile_validates_and_devices_are_checked_only_when_asked():
+    for name in profile_names():
+        cfg = load_profile(name)                      # GPU profiles load on a CPU machine: planning needs them
+        assert cfg["profile"] == name
+    assert check_device(load_profile("tiny")) == torch.device("cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="^device: 'cuda' was asked for but this machine has no such device"):
+            check_device(load_profile("gpu1"))
+
+
+def test_special_token_count_matches_the_tokenizer():
+    from nanochat_lib.tokenizer import SPECIAL_TOKENS
+    assert core._N_SPECIAL_TOKENS == len(SPECIAL_TOKENS)
+    assert load_profile("tiny", [f"tok_vocab_size={256 + len(SPECIAL_TOKENS)}"])["tok_vocab_size"] == 265
+
+
+def test_every_choice_and_bound_names_a_setting():
+    "A rule for a key settings.ini no longer has would silently check nothing."
+    defaults = load_profile("tiny")
+    rules = {*core._CHOICES, *core._LIST_CHOICES, *core._POSITIVE, *core._BOUNDS}
+    assert rules <= set(defaults), sorted(rules - set(defaults))
+    assert all(defaults[k] in core._CHOICES[k] for k in core._CHOICES)
+
+
+def _cli(fn):
+    "(exit status, stderr) of running `fn` under cli_errors."
+    import contextlib, io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            with cli_errors(): fn()
+        except SystemExit as e: return e.code, err.getvalue()
+    return 0, err.getvalue()
+
+
+def test_cli_errors_prints_one_line_and_exits_2():
+    assert _cli(lambda: load_profile("tiny", ["depth=0"])) == (2, "error: depth: must be positive, got 0\n")
+    assert _cli(lambda: {}["missing"]) == (2, "error: missing\n")
+    assert _cli(lambda: open("/no/such/file")) == (2, "error: [Errno 2] No such file or directory: '/no/such/file'\n")
+    assert _cli(lambda: (_ for _ in ()).throw(ValueError("two\nlines"))) == (2, "error: two; lines\n")
+    assert _cli(lambda: None) == (0, "")
+    with pytest.raises(ZeroDivisionError):                 # a bug keeps its traceback
+        _cli(lambda: 1 / 0)
+
+    @cli_errors()
+    def main(): raise ConfigError("depth", "must be positive, got 0")
+    with pytest.raises(SystemExit) as e: main()
+    assert e.value.code == 2
 
 
 def test_list_setting():
@@ -73,9 +182,10 @@ def test_cache_and_run_dirs_follow_env(tmp_path, monkeypatch):
     monkeypatch.setenv("NANOCHAT_RUNS", str(tmp_path / "r"))
     assert cache_dir("a", "b") == tmp_path / "c" / "a" / "b" and (tmp_path / "c" / "a" / "b").is_dir()
     assert run_dir("x") == tmp_path / "r" / "x" and (tmp_path / "r" / "x").is_dir()
-    for bad in ("", "../x", "a/b", ".hidden"):
-        with pytest.raises(ValueError, match="bad run name"):
+    for bad in ("", "../x", "a/b", ".hidden", "..", "a\\b", " x", "x\n", "x" * 300, None):
+        with pytest.raises(ConfigError, match="^run_name: bad run name"):
             run_dir(bad)
+    assert check_run_name("my-run_2.1") == "my-run_2.1"
 
 
 def test_device_selection():

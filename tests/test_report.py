@@ -47,3 +47,24 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": [3]})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": [3]}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_fingerprints_are_recorded_replaced_and_listed(tmp_path):
+    import hashlib
+    from nanochat_lib.report import load_fingerprints, record_fingerprint
+    a, b = (hashlib.sha256(x).hexdigest() for x in (b"a", b"b"))
+    record_fingerprint(tmp_path, "chat/mid/val", a, "token ids of the mid val mixture")
+    record_fingerprint(tmp_path, "corpus", b.upper(), "the parquet shards")
+    record_fingerprint(tmp_path, "chat/mid/val", b, "recorded again")                 # the latest wins
+    prints = load_fingerprints(tmp_path)
+    assert list(prints) == ["chat/mid/val", "corpus"] and prints["chat/mid/val"]["sha256"] == b
+    assert prints["corpus"]["sha256"] == b                                              # stored lowercase
+    record_stage(tmp_path, "base", "Base", {"val_bpb": 0.9})
+    assert [s["stage"] for s in load_stages(tmp_path)] == ["base"]                      # not taken for a stage
+    text = render_report(tmp_path)
+    assert text.index("## Data fingerprints") < text.index("## Summary")
+    assert f"| chat/mid/val | `{b[:16]}` | recorded again |" in text and f"| corpus | `{b[:16]}` | the parquet shards |" in text
+    assert "## Data fingerprints" not in render_report(tmp_path / "empty")
+    for bad in ("abc", "g" * 64, a[:-1]):
+        with pytest.raises(ValueError, match="64 hex digits"):
+            record_fingerprint(tmp_path, "x", bad)

@@ -2,7 +2,9 @@
 import json
 import nbformat
 import pytest
+import torch
 import run_all
+from nanochat_lib import core
 
 
 def make_nb(path, *cells):
@@ -51,11 +53,48 @@ def test_order_selection_and_errors(nbdir):
         run_all.select(nbs, start="07")
 
 
-def test_unknown_profile_or_key_is_a_clear_error(nbdir, capsys):
-    assert run_all.main(["--profile", "huge"]) == 2
-    assert "valid profiles: tiny" in capsys.readouterr().err
-    assert run_all.main(["--profile", "tiny", "--set", "vocab=3"]) == 2
-    assert "valid keys:" in capsys.readouterr().err
+def exit_code(argv) -> int:
+    "run_all.main's exit status: what it returns, or the SystemExit a refused setting raises."
+    try: return run_all.main(argv)
+    except SystemExit as e: return e.code
+
+
+REFUSED = [  # (arguments, the one error line)
+    (["--profile", "huge"], "error: profile: unknown profile 'huge'; valid profiles: tiny, gpu1"),
+    (["--set", "vocab=3"], "error: vocab: unknown setting;"),
+    (["--set", "depth=0"], "error: depth: must be positive, got 0"),
+    (["--set", "depth=abc"], "error: depth: expected an integer, got 'abc'"),
+    (["--set", "depth=-3"], "error: depth: must be positive, got -3"),
+    (["--set", "max_seq_len=0"], "error: max_seq_len: must be positive, got 0"),
+    (["--set", "device=tpu"], "error: device: must be one of auto, cuda, mps, cpu; got 'tpu'"),
+    (["--set", "num_iterations=-5"], "error: num_iterations: must be 0 or more, got -5"),
+    (["--set", "tok_vocab_size=10"], "error: tok_vocab_size: must be at least 265"),
+    (["--set", "total_batch_size=1000"], "error: total_batch_size=1000 is not a multiple of"),
+    (["--set", "depth"], "error: --set: expects key=value"),
+    (["--name", "../escape"], "error: run_name: bad run name '../escape'"),
+    (["--name", ".hidden"], "error: run_name: bad run name '.hidden'"),
+]
+
+
+@pytest.mark.parametrize("dry", [True, False], ids=["dry-run", "run"])
+@pytest.mark.parametrize("args,line", REFUSED, ids=[" ".join(a) for a, _ in REFUSED])
+def test_a_bad_setting_is_one_line_and_exit_2_even_in_a_dry_run(nbdir, runs_tmp, capsys, args, line, dry):
+    argv = (["--profile", "tiny"] if "--profile" not in args else []) + args + (["--dry-run"] if dry else [])
+    assert exit_code(argv) == 2
+    out, err = capsys.readouterr()
+    assert err.startswith(line) and err.count("\n") == 1 and out == ""
+    assert list(runs_tmp.iterdir()) == [] and not (runs_tmp.parent / "escape").exists()   # nothing ran, no folder
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")
+def test_a_gpu_profile_plans_on_a_cpu_but_does_not_run(nbdir, runs_tmp, capsys):
+    assert exit_code(["--profile", "tiny", "--set", "device=cuda", "--dry-run"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: device: 'cuda' was asked for") and err.count("\n") == 1
+    assert "would run 00_first" in out
+    assert exit_code(["--profile", "tiny", "--set", "device=cuda", "--name", "g"]) == 2
+    assert capsys.readouterr().err.startswith("error: device: 'cuda' was asked for")
+    assert counts(runs_tmp, "g") == {}
 
 
 def test_runs_in_order_resumes_and_forces(nbdir, runs_tmp):
@@ -76,6 +115,50 @@ def test_runs_in_order_resumes_and_forces(nbdir, runs_tmp):
     assert run_all.main(["--profile", "tiny", "--name", "r1", "--from", "01"]) == 0
     assert counts(runs_tmp, "r1") == {"first": 1, "second": 2, "companion": 3}
     assert "- vocab: 4096" in (runs_tmp / "r1" / "report.md").read_text()
+
+
+def lines(capsys) -> dict:
+    "The progress line of each notebook in run_all's output, by notebook."
+    return {l.split()[1].rstrip(":"): l for l in capsys.readouterr().out.splitlines() if l.startswith("[")}
+
+
+def test_edited_notebook_code_reruns_it_and_those_after_it(nbdir, runs_tmp, capsys):
+    assert exit_code(["--profile", "tiny", "--name", "e"]) == 0
+    capsys.readouterr()
+    nb = nbformat.read(nbdir / "01_second.ipynb", as_version=4)
+    nb.cells.append(nbformat.v4.new_markdown_cell("A note that changes no result."))
+    nbformat.write(nb, nbdir / "01_second.ipynb")
+    assert exit_code(["--profile", "tiny", "--name", "e"]) == 0
+    seen = lines(capsys)
+    assert counts(runs_tmp, "e") == {"first": 1, "second": 1, "companion": 1}      # prose alone re-runs nothing
+    assert "skipped, finished with these settings and this code; its prose changed" in seen["01_second"]
+    nb.cells.append(nbformat.v4.new_code_cell("x = 2"))
+    nbformat.write(nb, nbdir / "01_second.ipynb")
+    assert exit_code(["--profile", "tiny", "--name", "e"]) == 0
+    seen = lines(capsys)
+    assert counts(runs_tmp, "e") == {"first": 1, "second": 2, "companion": 2}
+    assert "skipped" in seen["00_first"] and seen["01_second"].endswith("(its code changed)")
+    assert seen["01b_companion"].endswith("(an earlier notebook's code changed)")
+
+
+def test_edited_settings_rerun_and_say_what_changed(nbdir, runs_tmp, capsys, monkeypatch, tmp_path):
+    ini = tmp_path / "settings.ini"
+    ini.write_text((core.repo_root() / "settings.ini").read_text())
+    monkeypatch.setattr(run_all, "load_profile", lambda name, ov: core.load_profile(name, ov, path=ini))
+    assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
+    assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
+    assert all("skipped" in l for l in lines(capsys).values())
+    ini.write_text(ini.read_text().replace("[tiny]\n", "[tiny]\nchat_sft_rows = 7\n"))
+    assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
+    seen = lines(capsys)
+    assert counts(runs_tmp, "s") == {"first": 2, "second": 2, "companion": 2}
+    assert seen["00_first"].endswith("(settings changed (chat_sft_rows 10000 -> 7))")
+    # the same values reached through --set are the same settings: nothing re-runs
+    ini.write_text(ini.read_text().replace("[tiny]\nchat_sft_rows = 7\n", "[tiny]\n"))
+    assert exit_code(["--profile", "tiny", "--name", "s", "--set", "chat_sft_rows=7"]) == 0
+    assert counts(runs_tmp, "s") == {"first": 2, "second": 2, "companion": 2}
+    state = json.loads((runs_tmp / "s" / "run.json").read_text())
+    assert {n["key"] for n in state["notebooks"].values()} and len(state["configs"]) == 1
 
 
 def test_dry_run_runs_nothing(nbdir, runs_tmp, capsys):
