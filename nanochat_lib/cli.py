@@ -7,10 +7,10 @@ __all__ = ['TERMINAL_MARKERS', 'HELP', 'for_terminal', 'ChatSession', 'Quit', 'r
 
 # %% ../notebooks/08c_cli.ipynb #9d7d0294
 import argparse, sys
-from .core import load_profile, parse_overrides
+from .core import cli_errors, load_profile, parse_overrides
 from .engine import Engine
 from .server import (ChatRequest, RequestError, ServeLimits, add_model_arguments, completion_events,
-                                 one_line_errors, prompt_ids, served_engines)
+                                 prompt_ids, served_engines)
 
 # %% ../notebooks/08c_cli.ipynb #5ce599ec
 TERMINAL_MARKERS = {"<|python_start|>": "[calc ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None):
     "Entry point of `python -m nanochat_lib.cli`; a bad setting or run ends with one line `error: ...`."
     args = build_parser().parse_args(argv)
-    with one_line_errors():
+    with cli_errors():
         cfg = load_profile(args.profile, parse_overrides(args.sets))
         phase = args.source or cfg["serve_phase"]
         limits = ServeLimits.from_cfg(cfg)                      # the serve_* settings, checked

@@ -50,7 +50,7 @@ def run_dir(name: str) -> Path:
     return d
 
 # %% ../notebooks/00_core.ipynb #9bdde38b
-import contextlib, difflib, math
+import contextlib, difflib, math, pickle
 
 class ConfigError(ValueError):
     "A bad profile, setting or run name; the message reads `<key>: <why>`, one line a command-line main can print as is."
@@ -210,7 +210,9 @@ def error_message(e: BaseException) -> str:
 def cli_errors():
     "For command-line mains, as `with cli_errors():` or `@cli_errors()`: a user's mistake ends the program with one line `error: <message>` on stderr and exit status 2."
     try: yield
-    except (ValueError, KeyError, FileNotFoundError) as e:        # ConfigError is a ValueError
+    # ConfigError and CheckpointError are ValueErrors; OSError covers missing files and a port in use;
+    # RuntimeError a device that is not there; EOFError/UnpicklingError a truncated or foreign file
+    except (ValueError, KeyError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
         print(f"error: {error_message(e)}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 

@@ -111,7 +111,7 @@ def test_cli_errors_are_clear(runs_tmp):
     assert p.returncode != 0 and "--temperature: must be in" in p.stderr
 
 
-def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
+def test_bad_configuration_is_one_line_on_stderr(runs_tmp, capsys):
     from nanochat_lib import cli
     cases = [(["--profile", "nope"], "nope"), (["--set", "no_equals_sign"], "--set"),
              (["--set", "serve_temperature=hot"], "serve_temperature"), (["-k", "-1"], "--top-k"),
@@ -119,8 +119,8 @@ def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
     if not torch.cuda.is_available(): cases.append((["--set", "device=cuda"], "device"))
     for args, named in cases:                        # in this process: what main raises is what python prints
         with pytest.raises(SystemExit) as e: cli.main(["chat", "-p", "x", *args])
-        msg = e.value.code
-        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg and named in msg, (args, msg)
+        msg = capsys.readouterr().err
+        assert e.value.code == 2 and msg.startswith("error: ") and msg.count("\n") == 1 and named in msg, (args, msg)
     p = subprocess.run([sys.executable, "-m", "nanochat_lib.cli", "chat", "-p", "x", "--profile", "nope"], cwd=ROOT,
                        capture_output=True, text=True, env=cli_env(runs_tmp), timeout=120)
-    assert p.returncode == 1 and p.stderr.startswith("error: ") and "nope" in p.stderr and p.stderr.count("\n") == 1
+    assert p.returncode == 2 and p.stderr.startswith("error: ") and "nope" in p.stderr and p.stderr.count("\n") == 1

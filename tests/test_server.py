@@ -634,7 +634,7 @@ def test_no_request_body_gets_a_5xx(fast_server, body):
 
 # ---------------------------------------------------------------------------- configuration errors: one line each
 
-def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
+def test_bad_configuration_is_one_line_on_stderr(runs_tmp, capsys):
     from nanochat_lib import server
     cases = [(["--profile", "nope"], "nope"), (["--set", "no_equals_sign"], "--set"),
              (["--set", "serve_max_tokens=0"], "serve_max_tokens"), (["--set", "serve_temperature=hot"], "serve_temperature"),
@@ -642,8 +642,8 @@ def test_bad_configuration_is_one_line_on_stderr(runs_tmp):
     if not torch.cuda.is_available(): cases.append((["--set", "device=cuda"], "device"))
     for args, named in cases:                        # in this process: what main raises is what python prints
         with pytest.raises(SystemExit) as e: server.main(args)
-        msg = e.value.code
-        assert isinstance(msg, str) and msg.startswith("error: ") and "\n" not in msg and named in msg, (args, msg)
+        msg = capsys.readouterr().err
+        assert e.value.code == 2 and msg.startswith("error: ") and msg.count("\n") == 1 and named in msg, (args, msg)
     p = subprocess.run([sys.executable, "-m", "nanochat_lib.server", "--port", "99999"], cwd=ROOT, capture_output=True,
                        text=True, env={**os.environ, "NANOCHAT_RUNS": str(runs_tmp)}, timeout=120)
-    assert p.returncode == 1 and p.stderr == "error: --port: must be a port number in [0, 65535], got 99999\n"
+    assert p.returncode == 2 and p.stderr == "error: --port: must be a port number in [0, 65535], got 99999\n"
