@@ -14,6 +14,7 @@ import argparse, ast, copy, json, logging, re, shutil, sys, tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))                                     # this checkout's nanochat_lib
 CONFIG = Path(__file__).resolve().parent / "mkdocs.yml"
 NB_NAME = re.compile(r"^(\d\d)([a-z]?)_([\w-]+)$")
 WIDGET_MIME = "application/vnd.jupyter.widget-view+json"
@@ -154,7 +155,7 @@ def stage(run: Path, dest: Path) -> list:
 
 def fix_toc_anchors(page: str) -> str:
     """A notebook page whose table of contents links to the headings' real ids. mkdocs-jupyter slugs the TOC with
-    Python-Markdown, which drops inline code (`3. \`run_untrusted\`` -> #3), while nbconvert's heading ids keep it
+    Python-Markdown, which drops inline code (heading "3. `run_untrusted`" -> #3), while nbconvert's heading ids keep it
     (#3-run_untrusted); a TOC entry with no such id takes the next heading after the last one that matched."""
     ids = re.findall(r'<h[1-6][^>]* id="([^"]+)"', page[page.find('class="jupyter-wrapper"'):])
     toc = list(dict.fromkeys(re.findall(r'<a href="#([^"]+)" class="md-nav__link', page)))
@@ -179,6 +180,9 @@ def build(run: Path, out: Path) -> Path:
         docs = Path(tmp) / "docs"
         nav = stage(run, docs)
         cfg = load_config(config_file=str(CONFIG), docs_dir=str(docs), site_dir=str(out), nav=nav)
+        # mkdocs-jupyter keeps converted notebooks (keyed by content and options) in the course cache, not in the cwd
+        from nanochat_lib.core import cache_dir
+        cfg["plugins"]["mkdocs-jupyter"].config["cache_dir"] = str(cache_dir("site", "mkdocs-jupyter"))
         mkdocs_build(cfg)
     for page in (out / "notebooks").glob("*.html"):
         page.write_text(fix_toc_anchors(page.read_text(encoding="utf-8")), encoding="utf-8")
