@@ -70,7 +70,8 @@ class WandbTracker:
     def log(self, record: dict, step=None):
         "Log one metric record; its x value is `step`, else the record's own 'step'."
         m = flat_metrics(record)
-        step = m.pop("step", None) if step is None else step
+        own = m.pop("step", None)
+        step = own if step is None else step
         if m: self.run.log(m, step=None if step is None else int(step))
 
     def summary(self, d: dict):
@@ -109,7 +110,7 @@ def offline_runs(root) -> list:
     return sorted(Path(root).glob("**/offline-run-*/run-*.wandb"), key=lambda p: p.parent.name)
 
 def read_offline_run(path) -> dict:
-    "What an offline W&B run recorded: its name, config, history rows (list of dicts) and final summary."
+    "What an offline W&B run recorded (name, config, history rows, summary); read it after `wandb.teardown()`."
     from wandb.proto import wandb_internal_pb2 as pb
     items = lambda xs: {x.key or "/".join(x.nested_key): json.loads(x.value_json) for x in xs}
     out = dict(name=None, config={}, history=[], summary={})

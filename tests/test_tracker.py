@@ -26,6 +26,13 @@ def wandb_offline(tmp_path, monkeypatch):
     wandb.teardown()
 
 
+def finished_runs(root) -> list:
+    "The offline runs under `root`, read after W&B's service has stopped (it writes the run files asynchronously)."
+    import wandb
+    wandb.teardown()
+    return offline_runs(root)
+
+
 def test_default_profile_has_tracking_off_and_imports_nothing():
     code = ("import sys; from nanochat_lib.core import load_profile; from nanochat_lib.tracker import make_tracker\n"
             "t = make_tracker(load_profile('tiny'), 'r', 'base'); t.log({'step': 1, 'loss': 2.0}); t.summary({'a': 1}); t.finish()\n"
@@ -70,7 +77,7 @@ def test_wandb_offline_run_holds_profile_metrics_and_summary(wandb_offline):
         for r in records: t.log(r)
         t.log({"val_bpb": 1.25}, step=5)                      # a second record at the same step joins that row
         t.summary({"final_loss": 1.6, "note": "tiny"})
-    files = offline_runs(wandb_offline)
+    files = finished_runs(wandb_offline)
     assert len(files) == 1 and files[0].parent.name.startswith("offline-run-")
     run = read_offline_run(files[0])
     assert run["name"] == "t1-base"
@@ -87,5 +94,5 @@ def test_run_files_default_to_the_run_folder(wandb_offline, runs_tmp, monkeypatc
     monkeypatch.delenv("WANDB_DIR")
     with make_tracker(load_profile("tiny", {"tracker": "wandb"}), "t2", "sft") as t:
         t.log({"step": 1, "loss": 0.5})
-    files = offline_runs(runs_tmp / "t2" / "wandb")
+    files = finished_runs(runs_tmp / "t2" / "wandb")
     assert len(files) == 1 and read_offline_run(files[0])["history"][0]["loss"] == 0.5
