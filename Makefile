@@ -9,7 +9,7 @@ PROFILE ?= tiny
 NAME ?= $(PROFILE)
 RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/Cargo.lock rustbpe/pyproject.toml rustbpe/nanochat_rustbpe.pyi
 
-.PHONY: setup browser course test check lab export bench help
+.PHONY: setup browser course test check lab export bench help site
 help:
 	@echo "make course   set up .venv and run the whole course headless (PROFILE=$(PROFILE))"
 	@echo "make test     set up .venv and run the whole test suite (the tiny course and the browser tests included)"
@@ -17,6 +17,7 @@ help:
 	@echo "make lab      open JupyterLab on notebooks/"
 	@echo "make export   regenerate nanochat_lib/ from the notebooks (nbdev-export) and clean them"
 	@echo "make bench    tokenizer benchmark: ours vs rustbpe vs HF tokenizers"
+	@echo "make site     the course site in _site/: the reference run's notebooks, the course map, the API"
 
 setup: $(VENV)/.deps $(VENV)/.rust $(VENV)/.kernel
 APT_GET := $(shell [ "$$(id -u)" = 0 ] && echo apt-get || echo sudo apt-get)
@@ -49,10 +50,10 @@ test: setup browser
 	cargo test -q --manifest-path rustbpe/Cargo.toml
 	$(PY) -m pytest -q
 
-# Markers (pyproject.toml): `course` runs the tiny course end to end, `browser` drives Chromium.
+# Markers (pyproject.toml): `course` runs the tiny course end to end, `browser` drives Chromium, `site` builds the course site.
 check: setup
 	cargo test -q --manifest-path rustbpe/Cargo.toml
-	$(PY) -m pytest -q -m "not course and not browser"
+	$(PY) -m pytest -q -m "not course and not browser and not site"
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/
@@ -63,3 +64,12 @@ export: $(VENV)/.deps
 
 bench: setup
 	$(PY) -m nanochat_lib.bench tokenizer
+
+# The course site: MkDocs renders SITE_RUN's executed notebooks, the README's course map and the API into _site/.
+SITE_RUN ?= runs/reference-tiny
+$(VENV)/.site: $(VENV)/.deps pyproject.toml
+	$(PY) -m pip install -q -e ".[site]"
+	@touch $@
+
+site: $(VENV)/.site
+	$(PY) docs/build_site.py --run $(SITE_RUN) --out _site

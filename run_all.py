@@ -17,7 +17,7 @@ notebook runs or is skipped (--force re-runs it anyway). So a stopped run resume
 The report (runs/<name>/report.md) is rewritten after every notebook. Kernels, and the trainers they
 launch, run with PYTHONHASHSEED=0 (unless set): the same commit and profile give the same numbers.
 """
-import argparse, datetime as dt, hashlib, json, os, re, sys, time
+import argparse, atexit, datetime as dt, hashlib, json, os, re, shutil, sys, tempfile, time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -109,10 +109,20 @@ def first_lines(text: str, n: int = 6) -> str:
     return "\n".join(["    " + l for l in lines[:n]] + (["    ..."] if len(lines) > n else []))
 
 
+def kernel_config():
+    """Kernel manager settings for papermill: kernels talk over IPC sockets in a private temporary folder,
+    not unencrypted TCP on localhost (so ipykernel does not warn about that once per notebook). POSIX only."""
+    if os.name == "nt": return {}
+    from traitlets.config import Config
+    d = tempfile.mkdtemp(prefix="nanochat-kernel-")
+    atexit.register(shutil.rmtree, d, True)
+    return dict(config=Config(KernelManager=dict(transport="ipc", ip=os.path.join(d, "kernel"))))
+
+
 def run_notebook(nb: Path, out: Path, params: dict, log_output: bool):
     import papermill as pm
     pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=kernel_name(), language="python", cwd=str(NOTEBOOKS),
-                        progress_bar=True, log_output=log_output, request_save_on_cell_execute=True)
+                        progress_bar=True, log_output=log_output, request_save_on_cell_execute=True, **kernel_config())
 
 
 def print_plan(plan: list, cfg: dict):
@@ -223,6 +233,8 @@ def main(argv=None) -> int:
 
     report = write_report(rdir)
     print(f"report: {report}")
+    from nanochat_lib.tracker import track_report       # the summary table to the tracker (nothing when tracker = none)
+    track_report(cfg, name, rdir)
     return 0
 
 
