@@ -905,7 +905,8 @@ def smoke_table(rows: list, device: str = None) -> str:
     lines = [f"GPU smoke check on {where}, torch {torch.__version__}, python {platform.python_version()}, "
              f"{time.strftime('%Y-%m-%d %H:%M')}", "",
              "| row | check | result | seconds | detail |", "|---|---|---|---|---|"]
-    lines += [f"| {r['row']} | {r['check']} | {r['status']} | {r['seconds']:.0f} | {r['detail']} |" for r in rows]
+    lines += [f"| {r['row']} | {r['check']} | {r['status']} | {r['seconds']:.0f} | {r['detail'].replace('|', '/')} |"
+              for r in rows]
     fails = [r["row"] for r in rows if r["status"] == "FAIL"]
     lines += ["", f"FAILED rows: {', '.join(fails)}" if fails else "all rows passed (or were skipped)"]
     return "\n".join(lines)
