@@ -5,9 +5,9 @@
 # %% auto #0
 __all__ = ['TRAINERS', 'GIB', 'SMOKE_WORDS', 'SMOKE_RESUME_ATOL', 'SMOKE_MEMORY_TOL', 'SMOKE_NEAR_TIE', 'SMOKE_ROWS',
            'iter_text_file', 'load_documents', 'train_once', 'tokens_digest', 'peak_rss_mb', 'run_worker', 'measure',
-           'bench_tokenizer', 'tokenizer_table', 'bench_train', 'train_table', 'copy_bandwidth', 'bench_infer',
-           'infer_table', 'trace_eager', 'graph_liveness', 'compiled_graphs', 'trace_compiled', 'trace_step',
-           'optimizer_bytes', 'trainer_mode', 'memory_estimate', 'gpu_budget', 'memory_for_profile', 'memory_line',
+           'bench_tokenizer', 'tokenizer_table', 'trainer_mode', 'bench_train', 'train_table', 'copy_bandwidth',
+           'bench_infer', 'infer_table', 'trace_eager', 'graph_liveness', 'compiled_graphs', 'trace_compiled',
+           'trace_step', 'optimizer_bytes', 'memory_estimate', 'gpu_budget', 'memory_for_profile', 'memory_line',
            'memory_table', 'memory_worker', 'measure_step_memory', 'smoke_data', 'smoke_cfg', 'smoke_resume',
            'smoke_d20', 'smoke_decode', 'smoke_dist', 'gpu_smoke', 'smoke_table', 'build_parser', 'main']
 
@@ -155,6 +155,18 @@ def tokenizer_table(rows: list) -> str:
     return "\n".join(lines)
 
 # %% ../notebooks/90_bench.ipynb #7ee88c2f
+def _autocast(dtype, device_type: str = "cpu"):
+    "Autocast to `dtype` on `device_type`, or nothing for fp32 (as the trainers do)."
+    import contextlib, torch
+    return torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
+def trainer_mode(cfg: dict, device) -> tuple:
+    "(autocast dtype, compiled?) of the trainer on `device` for profile `cfg`: core.compute_dtype and the `compile` key, as pretrain uses them."
+    import torch
+    from nanochat_lib.core import compute_dtype
+    device = torch.device(device)
+    return compute_dtype(device), cfg["compile"] is True or (cfg["compile"] == "auto" and device.type == "cuda")
+
 def bench_train(profile: str = "tiny", steps: int = 6, overrides=None, vocab_size: int = None) -> dict:
     "Model FLOP/s of the profile's training step, as the trainer runs it (autocast dtype, compile), vs measured matmul FLOP/s."
     import torch
@@ -345,11 +357,6 @@ def _live_bytes_mode():
             return out
     return LiveBytes()
 
-def _autocast(dtype, device_type: str = "cpu"):
-    "Autocast to `dtype` on `device_type`, or nothing for fp32 (as the trainers do)."
-    import contextlib, torch
-    return torch.autocast(device_type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-
 def trace_eager(config, batch: int, seq_len: int, dtype) -> dict:
     "Bytes of one eager forward and backward, traced on fake tensors: saved activations, the step's peak above the weights, the gradients."
     import torch
@@ -504,13 +511,6 @@ def optimizer_bytes(config, world_size: int = 1) -> dict:
     else:          # one matrix at a time: Newton-Schulz copies and AdamW's denominator
         temp = 4 * max([3 * max(ps) for ps in shapes.values()] + [p.numel() for p in adamw])
     return dict(adamw=adam, muon=mu, step=temp)
-
-def trainer_mode(cfg: dict, device) -> tuple:
-    "(autocast dtype, compiled?) of the trainer on `device` for profile `cfg`: core.compute_dtype and the `compile` key, as pretrain uses them."
-    import torch
-    from nanochat_lib.core import compute_dtype
-    device = torch.device(device)
-    return compute_dtype(device), cfg["compile"] is True or (cfg["compile"] == "auto" and device.type == "cuda")
 
 def memory_estimate(config, batch: int, seq_len: int, dtype, compiled: bool, world_size: int = 1,
                     grad_accum: int = 1) -> dict:
