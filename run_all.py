@@ -139,6 +139,10 @@ def print_plan(plan: list, cfg: dict):
     print(f"download: ~{sum(e['download_mb'].values()):,.0f} MB (" +
           ", ".join(f"{k} {v:,.0f} MB" for k, v in e["download_mb"].items()) + ")")
     print(f"disk: ~{e['disk_mb']:,.0f} MB (downloads + checkpoints {e['checkpoint_mb']:,.0f} MB)")
+    from nanochat_lib.bench import memory_for_profile, memory_line
+    try: mem = memory_line(memory_for_profile(cfg))      # a trace of the model on fake tensors: seconds, no memory
+    except Exception as err: mem = f"no estimate ({type(err).__name__}: {err})"
+    print(f"memory: {mem} (details: python -m nanochat_lib.bench memory --profile {cfg['profile']})")
 
 
 @cli_errors()

@@ -495,14 +495,14 @@ class StaticDecoder:
 
     @torch.no_grad()
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        "Feed one token per row (B,) or (B, 1); the logits (B, vocab) of the next."
+        "Feed one token per row (B,) or (B, 1); the logits (B, vocab) of the next, a tensor no later step overwrites."
         c = self.cache
         if c.pos >= c.capacity: raise RuntimeError(f"the static cache is full ({c.capacity} positions)")
         self.idx.copy_(tokens.view(-1, 1))
         if "graph" in self.mode:
             if self.graph is None: self._capture()
             self.graph.replay()
-            logits = self.out
+            logits = self.out.clone()       # every replay rewrites the graph's output buffer: hand out a copy
         else: logits = self._fn(self.idx, self.pos)
         self.pos += 1
         c.pos += 1

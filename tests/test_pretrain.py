@@ -72,8 +72,8 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, setup):
 
 def test_plans_of_the_profiles():
     sp = make_plan(load_profile("speedrun"), 65536)
-    assert sp["num_params"] == 560_988_160 and sp["num_iterations"] == 21_400 and sp["grad_accum_steps"] == 1
-    assert make_plan(load_profile("speedrun"), 65536, world_size=1)["grad_accum_steps"] == 8
+    assert sp["num_params"] == 560_988_160 and sp["num_iterations"] == 21_400 and sp["grad_accum_steps"] == 2
+    assert make_plan(load_profile("speedrun"), 65536, world_size=1)["grad_accum_steps"] == 16   # 16 rows per GPU
     with pytest.raises(ValueError, match="not a multiple"):
         make_plan(load_profile("tiny", {"total_batch_size": 1000}), 4096)
 
