@@ -210,7 +210,7 @@ class GPT(nn.Module):
         return window_block_mask(T, w, device) if flex else sliding_window_mask(T, w, device)
 
     def fused_head_loss(self, x: torch.Tensor) -> bool:
-        "Use the chunked head+loss (2.5)? On CPUs while training in fp32; GPUs keep the plain path for torch.compile."
+        "Use the chunked head+loss (section 7)? On CPUs while training in fp32; GPUs keep the plain path for torch.compile."
         return x.device.type == "cpu" and torch.is_grad_enabled() and x.dtype == torch.float32 \
                and not torch.is_autocast_enabled("cpu")
 
