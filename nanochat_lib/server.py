@@ -104,9 +104,12 @@ class ServeLimits:
 
     @classmethod
     def from_cfg(cls, cfg: dict) -> "ServeLimits":
-        missing = [f"serve_{f}" for f in cls.__dataclass_fields__ if f"serve_{f}" not in cfg]
+        keys = dict(max_messages="serve_max_messages", max_chars="serve_max_chars", max_tokens="serve_max_tokens",
+                    max_temperature="serve_max_temperature", max_top_k="serve_max_top_k", temperature="serve_temperature",
+                    top_k="serve_top_k", default_max_tokens="serve_default_max_tokens")
+        missing = [k for k in keys.values() if k not in cfg]
         if missing: raise ValueError(f"{missing[0]}: missing from the profile")
-        return cls(**{f: cfg[f"serve_{f}"] for f in cls.__dataclass_fields__})
+        return cls(**{f: cfg[k] for f, k in keys.items()})
 
 class RequestError(Exception):
     "A request the server refuses: HTTP `status` with OpenAI's error JSON."
