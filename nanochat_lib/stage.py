@@ -4,18 +4,19 @@
 
 # %% auto #0
 __all__ = ['RESUME_MODES', 'read_jsonl', 'StageLog', 'resume_mode', 'plan_differences', 'resume_point', 'every', 'Prefetcher',
-           'grad_norm', 'group_names', 'snapshot', 'update_norms', 'Stage']
+           'grad_norm', 'group_names', 'snapshot', 'update_norms', 'Stage', 'rank0_first', 'sum_over_ranks',
+           'autocast_context', 'maybe_compile']
 
-# %% ../notebooks/03e_stage.ipynb #a3c23ccd
-import json, math, sys, time, warnings
-from contextlib import contextmanager
+# %% ../notebooks/03e_stage.ipynb #77e42da0
+import json, time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
-from .core import dist_teardown, print0, progress_bar, synchronize
+from .core import compute_dtype, dist_teardown, print0, progress_bar, synchronize
 from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .report import atomic_write_json
 
-# %% ../notebooks/03e_stage.ipynb #f3be8a86
+# %% ../notebooks/03e_stage.ipynb #67f752f2
 def read_jsonl(path) -> list:
     "The records of a JSONL metrics file; a torn last line (the writer was killed mid-line) is left out, a bad line elsewhere is an error."
     path = Path(path)
@@ -55,7 +56,7 @@ class StageLog:
         if self.enabled: atomic_write_json(path, summary)
         return summary
 
-# %% ../notebooks/03e_stage.ipynb #a8016d2e
+# %% ../notebooks/03e_stage.ipynb #00f8cf86
 RESUME_MODES = ("auto", "fresh", "require")
 
 def resume_mode(resume) -> str:
@@ -89,12 +90,12 @@ def resume_point(ckpt_dir, plan: dict, mode: str = "auto"):
     print0(f"note: {msg}: starting from step 0")
     return None
 
-# %% ../notebooks/03e_stage.ipynb #7335b23e
+# %% ../notebooks/03e_stage.ipynb #30fa7d58
 def every(step: int, n: int) -> bool:
     "Is `step` a multiple of a period `n` (0 or less = never)? Step 0 counts: a run measures where it starts."
     return n > 0 and step % n == 0
 
-# %% ../notebooks/03e_stage.ipynb #a1a18fb6
+# %% ../notebooks/03e_stage.ipynb #babda518
 class Prefetcher:
     "The next batch of `loader`, held with the loader's position before it: a checkpoint saves that position."
     def __init__(self, loader):
@@ -111,11 +112,11 @@ class Prefetcher:
         self.loader.load_state_dict(state)
         self.advance()
 
-# %% ../notebooks/03e_stage.ipynb #365ad79a
+# %% ../notebooks/03e_stage.ipynb #95dac0cf
 def grad_norm(model) -> torch.Tensor:
     "The L2 norm of all of `model`'s gradients (this rank's, before the optimizers average them across ranks)."
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
+    grads = [p.grad.detach() for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros(())
 
 def group_names(optimizers, model=None) -> list:
     "A readable name for every parameter group: the optimizer, then the parameter's name (given `model`) or the group's shapes."
@@ -142,7 +143,7 @@ def update_norms(optimizers, before: list, model=None) -> dict:
         out[name] = (dw.pow(2).mean().sqrt() / w.pow(2).mean().sqrt().clamp(min=1e-12)).item()
     return out
 
-# %% ../notebooks/03e_stage.ipynb #e0fc687e
+# %% ../notebooks/03e_stage.ipynb #1f763477
 class Stage:
     "The loop around a trainer's step: where it starts (resume), when it saves, its log and bar, its summary and teardown."
     def __init__(self, cfg: dict, rdir, phase: str, info, model, optimizers, plan: dict, steps: int, resume="fresh",
@@ -154,7 +155,7 @@ class Stage:
         self.save_minutes, self.keep_last = float(cfg["save_every_minutes"]), int(cfg["keep_checkpoints"])
         self.meta, self.warmup_steps = dict(meta or {}), int(warmup_steps)
         self.ckpt_dir = self.rdir/"checkpoints"/phase
-        self.state = dict(train_seconds=0.0, ema=0.0, **(state or {}))   # saved with every checkpoint, restored on resume
+        self.state = dict(train_seconds=0.0, timed_steps=0, ema=0.0, **(state or {}))   # saved with every checkpoint, restored on resume
         self.step, self.resumed_from, self.dt, self.log, self.bar = 0, None, 0.0, None, None
 
     @property
@@ -229,11 +230,16 @@ class Stage:
     def end_step(self, show: str = "", **record):
         "Count the step: its time (after `warmup_steps`, which include compilation), one JSONL record, the progress bar."
         self.step += 1
-        if self.step > self.warmup_steps: self.state["train_seconds"] += self.dt
+        if self.step > self.warmup_steps: self.state["train_seconds"] += self.dt; self.state["timed_steps"] += 1
         self.log.write(step=self.step, **record, elapsed=self.state["train_seconds"])
         if self.bar is not None:
             self.bar.update(1)
             if show: self.bar.set_postfix_str(show, refresh=False)
+
+    def rate(self, per_step: float):
+        "`per_step` (tokens, say) per second of training time, over the timed steps; None before any."
+        s = self.state
+        return per_step * s["timed_steps"] / s["train_seconds"] if s["timed_steps"] and s["train_seconds"] > 0 else None
 
     def finish(self, summary: dict) -> dict:
         "End the stage: close the bar, write the summary JSON (rank 0), leave the process group. Returns the summary."
@@ -243,3 +249,27 @@ class Stage:
         self.log.finish(summary, self.rdir/"metrics"/f"{self.phase}_train_summary.json")
         dist_teardown()
         return summary
+
+# %% ../notebooks/03e_stage.ipynb #7bb7c9c4
+def rank0_first(info, fn):
+    "`fn()` on rank 0 first, then on the other ranks: what rank 0 downloads or builds, the others find in the cache."
+    if info.distributed and not info.is_master: torch.distributed.barrier()
+    out = fn()
+    if info.distributed and info.is_master: torch.distributed.barrier()
+    return out
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    "`t` summed over all ranks, in place (unchanged in a world of one)."
+    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.all_reduce(t)
+    return t
+
+def autocast_context(device):
+    "bf16 autocast where the device computes in bf16 (`compute_dtype`), else a context that does nothing."
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+def maybe_compile(model, cfg: dict, device):
+    "`model` torch.compile'd when the `compile` setting says so (`auto`: on CUDA), else the model itself."
+    on = cfg["compile"] is True or (cfg["compile"] == "auto" and torch.device(device).type == "cuda")
+    return torch.compile(model, dynamic=False) if on else model
