@@ -95,11 +95,11 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
         loss_sum += loss.item()
     for p in model.parameters():                       # nothing to learn on this rank: a zero gradient, still a step
         if p.grad is None: p.grad = torch.zeros_like(p)
-    norm = grad_norm(model)
+    gnorm = grad_norm(model)                           # this rank's gradient, before the optimizers average it
     for opt in optimizers: opt.step()
     model.zero_grad(set_to_none=True)
     model.eval()
-    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum, grad_norm=norm.item(),
+    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum, grad_norm=gnorm.item(),
                 trained_rows=len(live),
                 ended=sum(c.ended for g in groups for c in g), groups=groups)
 
