@@ -12,7 +12,7 @@ import argparse, contextlib, json, math, sys, time
 from pathlib import Path
 import numpy as np
 import torch
-from .core import load_profile, print0, run_stage, training_process
+from .core import load_profile, print0, run_dir, run_stage, training_process
 from .dataloader import DocBuffer
 from .loss_eval import chunked_loss
 from .model import setup_optimizers

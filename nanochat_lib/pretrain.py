@@ -11,7 +11,7 @@ __all__ = ['GPU_PEAK_TABLE', 'GPU_PEAK_FLOPS', 'DOWNLOAD_MB', 'CHECKPOINT_BYTES_
 import argparse, contextlib, json, math, os, re, sys, time, warnings
 from pathlib import Path
 import torch
-from .core import get_device, load_profile, print0, run_stage, synchronize, training_process
+from .core import get_device, load_profile, print0, run_dir, run_stage, synchronize, training_process
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
 from .model import build_model, setup_optimizers, training_plan

@@ -11,7 +11,7 @@ import contextlib, json, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import load_profile, print0, run_stage, training_process
+from .core import load_profile, print0, run_dir, run_stage, training_process
 from .chat_eval import rank_share
 from .engine import Engine
 from .midtrain import make_chat_optimizers, pad_batch

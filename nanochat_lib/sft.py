@@ -9,7 +9,7 @@ __all__ = ['ConversationStream', 'sft_accumulation', 'train_step', 'sft', 'main'
 import contextlib, json, sys, time
 from pathlib import Path
 import torch
-from .core import load_profile, print0, run_stage, training_process
+from .core import load_profile, print0, run_dir, run_stage, training_process
 from .midtrain import chat_data, chat_val_loss, conversation_example, make_chat_optimizers, pad_batch, val_examples
 from .model_io import load_model
 from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
