@@ -201,7 +201,7 @@ def pretrain(cfg: dict, rdir, resume=False, stop_at: int = None, shard_dir=None,
     if extras: train_loader.load_state_dict(extras["loader"])
     batches = Prefetcher(train_loader)
     autocast, fmodel = autocast_context(dev), maybe_compile(model, cfg, dev)
-    peak, token_bytes = device_peak(dev), tok.token_bytes.to(dev)
+    peak, token_bytes = device_peak(dev, seconds=0.5), tok.token_bytes.to(dev)
     eval_steps = (int(cfg["eval_tokens"]) // (B * T * W)) or None
     grad_clip = float(cfg["grad_clip"]) if W == 1 else 0.0      # with several ranks the gradients are not complete here
     world_tokens, fpt = B * T * W * accum, plan["flops_per_token"]
@@ -244,7 +244,7 @@ def pretrain(cfg: dict, rdir, resume=False, stop_at: int = None, shard_dir=None,
                        tokens=stage.state["tokens"], flops=stage.state["tokens"] * fpt)
 
     if peak["measured"]:                          # measured again at the end, under whatever load there is now
-        peak["flops"] = max(peak["flops"], device_peak(dev)["flops"])
+        peak["flops"] = max(peak["flops"], device_peak(dev, seconds=0.5)["flops"])
         peak["source"] += "; measured at the start and the end, the best kept"
     s = stage.state
     tok_per_sec = stage.rate(world_tokens)
