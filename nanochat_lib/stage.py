@@ -7,16 +7,16 @@ __all__ = ['RESUME_MODES', 'read_jsonl', 'StageLog', 'resume_mode', 'plan_differ
            'grad_norm', 'group_names', 'snapshot', 'update_norms', 'Stage', 'rank0_first', 'sum_over_ranks',
            'autocast_context', 'maybe_compile']
 
-# %% ../notebooks/03e_stage.ipynb #77e42da0
+# %% ../notebooks/03e_stage.ipynb #454108db
 import json, time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 import torch
 from .core import compute_dtype, dist_teardown, print0, progress_bar, synchronize
 from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .report import atomic_write_json
+from .report import atomic_write_json, atomic_write_text
 
-# %% ../notebooks/03e_stage.ipynb #67f752f2
+# %% ../notebooks/03e_stage.ipynb #e924bf98
 def read_jsonl(path) -> list:
     "The records of a JSONL metrics file; a torn last line (the writer was killed mid-line) is left out, a bad line elsewhere is an error."
     path = Path(path)
@@ -40,7 +40,7 @@ class StageLog:
         # a resumed run keeps what happened before its checkpoint: the training records up to its step and the
         # evaluations before it (it evaluates at its first step again); a fresh run starts an empty log
         keep = [r for r in read_jsonl(self.path) if self._before(r, resume_step)] if resume_step is not None else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))   # a kill here loses nothing
 
     @staticmethod
     def _before(rec: dict, step: int) -> bool:
