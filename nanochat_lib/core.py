@@ -11,6 +11,7 @@ __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'ConfigError', 'chec
 # %% ../notebooks/00_core.ipynb #2a84d2ec
 import argparse, ast, configparser, os, subprocess, sys, time, collections
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 # %% ../notebooks/00_core.ipynb #80b984b9
@@ -279,7 +280,7 @@ class DistInfo:
     @property
     def distributed(self) -> bool: return self.world_size > 1 or torch.distributed.is_initialized()
 
-def dist_setup(device_pref: str = "auto") -> DistInfo:
+def dist_setup(device_pref: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     "Start the process group when launched by torchrun (gloo on CPU, nccl on CUDA); a world of one otherwise."
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -288,7 +289,8 @@ def dist_setup(device_pref: str = "auto") -> DistInfo:
     if "RANK" in os.environ and not torch.distributed.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = dict(device_id=device) if device.type == "cuda" else {}
-        torch.distributed.init_process_group(backend=backend, **kw)
+        # how long a rank waits in a collective (a barrier, an all-reduce) for the others before the job fails
+        torch.distributed.init_process_group(backend=backend, timeout=timedelta(minutes=float(timeout_minutes)), **kw)
     return DistInfo(rank, local_rank, world, device)
 
 def dist_teardown():
@@ -303,27 +305,32 @@ def print0(*args, **kwargs):
 
 def training_process(cfg: dict) -> DistInfo:
     "Start a training process from a profile: the process group, the seed (same weights on every rank), TF32 on CUDA."
-    info = dist_setup(cfg["device"])
+    info = dist_setup(cfg["device"], timeout_minutes=float(cfg["dist_timeout_minutes"]))
     torch.manual_seed(int(cfg["seed"]))
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     return info
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    "The training stages' common command line: --profile, --run, --set KEY=VALUE (repeatable), --resume, --stop-at."
+    "The training stages' common command line: --profile, --run, --set KEY=VALUE (repeatable), --resume or --fresh, --stop-at."
     ap = argparse.ArgumentParser(prog=prog, description=description)
     ap.add_argument("--profile", default="tiny", help="settings.ini section")
     ap.add_argument("--run", required=True, help="run folder name under runs/")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE", help="override a setting")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint of this stage")
+    how = ap.add_mutually_exclusive_group()
+    how.add_argument("--resume", action="store_true",
+                     help="continue from the latest checkpoint of this stage; fail if there is none for this plan")
+    how.add_argument("--fresh", action="store_true", help="start from step 0, ignoring this stage's checkpoints")
     ap.add_argument("--stop-at", type=int, default=None, help="checkpoint and stop after this step (for resume demos)")
     return ap
 
 def run_stage(train, prog: str, description: str, argv=None):
-    "A training stage's `main`: parse the common command line, then `train(cfg, run folder, resume=, stop_at=)`."
+    "A training stage's `main`: parse the common command line, then `train(cfg, run folder, resume=mode, stop_at=)`."
     args = stage_parser(prog, description).parse_args(argv)
-    return train(load_profile(args.profile, parse_overrides(args.sets)), run_dir(args.run),
-                 resume=args.resume, stop_at=args.stop_at)
+    cfg = load_profile(args.profile, parse_overrides(args.sets))
+    # without a flag the `resume` setting decides: `auto` continues a stage that was interrupted, by itself
+    mode = "require" if args.resume else "fresh" if args.fresh else str(cfg["resume"])
+    return train(cfg, run_dir(args.run), resume=mode, stop_at=args.stop_at)
 
 def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
     "A tqdm bar for training loops; in a log or a notebook cell (not a terminal) it prints a line every few seconds."

@@ -4,24 +4,23 @@
 
 # %% auto #0
 __all__ = ['conversation_example', 'shift_targets', 'best_fit_padded_row', 'pack_examples', 'rows_to_batch', 'ChatPacker',
-           'pad_batch', 'chat_val_loss', 'val_examples', 'estimate_epoch_steps', 'make_chat_optimizers', 'midtrain',
-           'main']
+           'pad_batch', 'chat_val_loss', 'val_examples', 'estimate_epoch_steps', 'make_chat_optimizers', 'chat_data',
+           'midtrain', 'main']
 
 # %% ../notebooks/05_midtraining.ipynb #3d80a190
 import argparse, contextlib, json, math, sys, time
 from pathlib import Path
 import numpy as np
 import torch
-import torch.distributed as dist
-from .core import (compute_dtype, dist_teardown, load_profile, parse_overrides, print0,
-                               progress_bar, run_dir, run_stage, synchronize, training_process)
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .core import load_profile, print0, run_dir, run_stage, training_process
 from .dataloader import DocBuffer
+from .loss_eval import chunked_loss
 from .model import setup_optimizers
 from .model_io import load_model
-from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import MetricsLog, _ema_debiased, train_args
-from .report import atomic_write_json
+from .optim import lr_multiplier, muon_momentum
+from .pretrain import train_args, train_step
+from .stage import (Prefetcher, Stage, autocast_context, every, maybe_compile, rank0_first, read_jsonl,
+                                sum_over_ranks)
 
 # %% ../notebooks/05_midtraining.ipynb #b32b5f90
 def conversation_example(tokenizer, conversation: dict, max_tokens: int) -> tuple:
@@ -160,10 +159,6 @@ def pad_batch(examples, pad_id: int) -> tuple:
         inputs[r, :len(x)], targets[r, :len(y)] = x, y
     return torch.from_numpy(inputs), torch.from_numpy(targets)
 
-def _sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
-    return t
-
 @torch.no_grad()
 def chat_val_loss(model, examples, batch_size: int, pad_id: int, device="cpu", autocast=None) -> dict:
     "Mean loss (nats) per trained-on token of this rank's (ids, mask) `examples`, summed over all ranks."
@@ -174,9 +169,9 @@ def chat_val_loss(model, examples, batch_size: int, pad_id: int, device="cpu", a
         x, y = pad_batch([examples[i] for i in order[s:s + batch_size]], pad_id)
         x, y = x.to(device), y.to(device)
         with autocast or contextlib.nullcontext():
-            nats = model(x, y, loss_reduction="sum")
+            nats = chunked_loss(model, x, y, "sum")                           # a few rows at a time: never all the logits
         sums += torch.stack([nats.double(), (y >= 0).sum().double()])
-    nats, tokens = _sum_over_ranks(sums).tolist()
+    nats, tokens = sum_over_ranks(sums).tolist()
     return dict(loss=nats / tokens if tokens else float("nan"), tokens=int(tokens))
 
 def val_examples(tasks, tokenizer, max_tokens: int, rank: int = 0, world_size: int = 1, limit: int = 0) -> list:
@@ -197,14 +192,6 @@ def estimate_epoch_steps(tasks, tokenizer, row_len: int, rows_per_step: int, sam
     return dict(steps_per_epoch=max(1, steps), rows_per_conversation=rows_per_conversation, padding=padding, sample=n)
 
 # %% ../notebooks/05_midtraining.ipynb #e4544c42
-def _build_tasks(cfg, stage: str, info) -> tuple:
-    "The train and val mixtures of `stage`; rank 0 builds (and downloads) first, then the others."
-    from nanochat_lib.tasks import training_mixture
-    if not info.is_master and info.distributed: dist.barrier()
-    tasks = training_mixture(cfg, "train", stage), training_mixture(cfg, "val", stage)
-    if info.is_master and info.distributed: dist.barrier()
-    return tasks
-
 def make_chat_optimizers(model, cfg: dict, lr_frac: float) -> list:
     "Fresh Muon + AdamW for a chat stage, at `lr_frac` of the profile's pretraining learning rates."
     if not lr_frac > 0: raise ValueError(f"the learning-rate fraction must be positive, got {lr_frac}")
@@ -212,12 +199,13 @@ def make_chat_optimizers(model, cfg: dict, lr_frac: float) -> list:
                             embedding_lr=float(cfg["embedding_lr"]) * lr_frac,
                             unembedding_lr=float(cfg["unembedding_lr"]) * lr_frac, weight_decay=float(cfg["weight_decay"]))
 
-def _autocast(dev):
-    compute = compute_dtype(dev)
-    return torch.autocast(dev.type, dtype=compute) if compute != torch.float32 else contextlib.nullcontext()
+def chat_data(cfg: dict, stage: str) -> tuple:
+    "The (train, val) conversations of chat stage `stage` ('mid' or 'sft'): downloaded or built once, then cached."
+    from nanochat_lib.tasks import training_mixture
+    return training_mixture(cfg, "train", stage), training_mixture(cfg, "val", stage)
 
 # %% ../notebooks/05_midtraining.ipynb #ab88ae6e
-def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_tasks=None, val_tasks=None,
+def midtrain(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=None, val_tasks=None,
              phase: str = "mid", source: str = "base") -> dict:
     "Mid-train the `source` model of run folder `rdir` on chat data; every rank calls this. Returns the summary."
     rdir = Path(rdir)
@@ -234,102 +222,58 @@ def midtrain(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_t
                          f"multiple of device_batch_size x max_seq_len x ranks = {per_pass}")
     accum = total // per_pass
     if train_tasks is None or val_tasks is None:
-        built = _build_tasks(cfg, "mid", info)
+        built = rank0_first(info, lambda: chat_data(cfg, "mid"))        # the notebook fetched it: found in the cache
         train_tasks = built[0] if train_tasks is None else train_tasks
         val_tasks = built[1] if val_tasks is None else val_tasks
-    buffer_size = int(cfg["mid_buffer_size"])
+    buffer_size, lr_frac, warmdown = int(cfg["mid_buffer_size"]), float(cfg["mid_lr_frac"]), float(cfg["mid_warmdown_ratio"])
     est = estimate_epoch_steps(train_tasks, tok, T + 1, B * W * accum, buffer_size=buffer_size)
     steps = int(cfg["mid_num_iterations"]) or max(1, round(float(cfg["mid_epochs"]) * est["steps_per_epoch"]))
-    optimizers = make_chat_optimizers(model, cfg, float(cfg["mid_lr_frac"]))
+    optimizers = make_chat_optimizers(model, cfg, lr_frac)
+    src = dict(phase=source, step=src_meta["step"])
+    stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
+                  plan=dict(model_config=vars(model.config), num_iterations=steps, total_batch_size=total, device_batch_size=B,
+                            world_size=W, lr_frac=lr_frac, warmdown_ratio=warmdown, buffer_size=buffer_size, source=src,
+                            train_conversations=len(train_tasks)),
+                  state=dict(tokens=0, val=[]), meta=dict(vocab_size=tok.vocab_size, source=src))
+    extras = stage.start()
     packer = ChatPacker(train_tasks, tok, B, T, info.rank, W, buffer_size, dev)
+    if extras: packer.load_state_dict(extras["packer"])
+    batches = Prefetcher(packer)
     val = val_examples(val_tasks, tok, T + 1, info.rank, W, int(cfg["chat_val_examples"]))
-    ckpt_dir = rdir/"checkpoints"/phase
-    step, state = 0, dict(ema=0.0, train_seconds=0.0, tokens=0, val=[])
-    if resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is None: raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        meta, rs = load_checkpoint(last, model, optimizers, rank=info.rank, map_location=dev)
-        packer.load_state_dict(rs["packer"])
-        step, state = meta["step"], rs["state"]
-        print0(f"resumed from {last} at step {step}")
-    autocast = _autocast(dev)
-    use_compile = cfg["compile"] is True or (cfg["compile"] == "auto" and dev.type == "cuda")
-    fmodel = torch.compile(model, dynamic=False) if use_compile else model
-    log = MetricsLog(rdir/"metrics"/f"{phase}_train.jsonl", master, resume_step=step if resume else None)
-    eval_every, save_every = int(cfg["mid_eval_every"]), int(cfg["save_every"])
-    warmdown = float(cfg["mid_warmdown_ratio"])
-    world_tokens = B * T * W * accum
+    autocast, fmodel = autocast_context(dev), maybe_compile(model, cfg, dev)
+    eval_every, world_tokens = int(cfg["mid_eval_every"]), B * T * W * accum
     print0(f"{phase}: from {source} step {src_meta['step']} | {len(train_tasks):,} train / {len(val_tasks):,} val "
            f"conversations | {steps} steps of {world_tokens:,} tokens (grad accum {accum}, {W} ranks); one epoch is "
-           f"about {est['steps_per_epoch']} steps | lr x {float(cfg['mid_lr_frac'])} | {dev}")
+           f"about {est['steps_per_epoch']} steps | lr x {lr_frac} | {dev}")
 
-    def val_loss():
-        model.eval()
-        out = chat_val_loss(model, val, B, tok.bos_id, dev, autocast)
-        model.train()
-        return out["loss"]
-
-    packer_state = packer.state_dict()               # position before the batch we are about to take
-    x, y = next(packer)
-    bar = progress_bar(steps, step, phase, enabled=master)
-    t_loop = time.time()
-    while True:
-        last = step == steps
-        if last or step == 0 or (eval_every > 0 and step % eval_every == 0):
-            vl = val_loss()
-            if not state["val"] or state["val"][-1][0] != step: state["val"].append((step, vl))
-            log.write(step=step, val_loss=vl, tokens=state["tokens"], elapsed=state["train_seconds"])
+    for step in stage:
+        if stage.last or step == 0 or every(step, eval_every):
+            model.eval()
+            vl = chat_val_loss(model, val, B, tok.bos_id, dev, autocast)["loss"]
+            model.train()
+            if not stage.state["val"] or stage.state["val"][-1][0] != step: stage.state["val"].append((step, vl))
+            stage.log.write(step=step, val_loss=vl, tokens=stage.state["tokens"], elapsed=stage.state["train_seconds"])
             print0(f"\nstep {step:5d} | val loss {vl:.4f}")
-        if last or (save_every > 0 and step > 0 and step % save_every == 0) or step == stop_at:
-            save_checkpoint(ckpt_dir, step, model, optimizers,
-                            meta=dict(phase=phase, model_config=vars(model.config), profile=cfg.get("profile"),
-                                      val_loss=state["val"][-1][1], num_iterations=steps, vocab_size=tok.vocab_size,
-                                      source=dict(phase=source, step=src_meta["step"])),
-                            rank_state=dict(packer=packer_state, state=state), rank=info.rank, world_size=W,
-                            keep_last=int(cfg["keep_checkpoints"]))
-        if last or step == stop_at: break
-
-        # ---- one optimisation step ----
-        synchronize(dev)
-        t0 = time.time()
-        for _ in range(accum):
-            with autocast: loss = fmodel(x, y)          # mean over the targets that are not -1
-            loss_value = loss.detach()
-            (loss / accum).backward()
-            packer_state = packer.state_dict()
-            x, y = next(packer)                        # prefetch while the backward pass finishes
+        stage.save_when_due(rank_state=dict(packer=batches.state), val_loss=stage.state["val"][-1][1])
+        if stage.stopping: break
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=warmdown, final_lr_frac=0.0)
-        set_lr_multiplier(optimizers, lrm)
-        set_muon_momentum(optimizers, muon_momentum(step))
-        for opt in optimizers: opt.step()
-        model.zero_grad(set_to_none=True)
-        loss_f = loss_value.item()
-        dt = time.time() - t0
-        step += 1
-        if step > 3: state["train_seconds"] += dt
-        state["tokens"] += world_tokens
-        state["ema"] = 0.9 * state["ema"] + 0.1 * loss_f
-        smooth = _ema_debiased(state["ema"], 0.9, step)
-        log.write(step=step, loss=smooth, lr_mult=lrm, tok_per_sec=world_tokens / dt, tokens=state["tokens"],
-                  epochs=packer.epochs, elapsed=state["train_seconds"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"loss {smooth:.3f} | lr x{lrm:.2f} | {world_tokens / dt:,.0f} tok/s", refresh=False)
-    if bar is not None: bar.close()
+        with stage.timing():                          # pretraining's step: only the data and the schedule differ
+            out = train_step(model, optimizers, batches, accum, lrm, muon_momentum(step), 0.0, autocast, fmodel)
+        stage.state["tokens"] += world_tokens
+        loss, tps = stage.smooth(out["loss"]), world_tokens / stage.dt
+        stage.end_step(f"loss {loss:.3f} | lr x{lrm:.2f} | {tps:,.0f} tok/s", loss=loss, lr_mult=lrm,
+                       grad_norm=out["grad_norm"], tok_per_sec=tps, tokens=stage.state["tokens"], epochs=packer.epochs)
 
-    counts = _sum_over_ranks(torch.tensor([packer.stats[k] for k in ("rows", "tokens", "padding", "conversations")],
-                                          dtype=torch.float64, device=dev)).tolist()
-    measured = max(1, steps - 3)
-    summary = dict(phase=phase, source=dict(phase=source, step=src_meta["step"]), steps=steps, grad_accum_steps=accum,
-                   world_size=W, total_batch_size=world_tokens, tokens=state["tokens"], train_seconds=state["train_seconds"],
-                   tok_per_sec=world_tokens * measured / max(state["train_seconds"], 1e-9), wall_seconds=time.time() - t_loop,
+    counts = sum_over_ranks(torch.tensor([packer.stats[k] for k in ("rows", "tokens", "padding", "conversations")],
+                                         dtype=torch.float64, device=dev)).tolist()
+    s = stage.state
+    summary = dict(phase=phase, source=src, steps=steps, grad_accum_steps=accum, world_size=W, total_batch_size=world_tokens,
+                   tokens=s["tokens"], train_seconds=s["train_seconds"], tok_per_sec=stage.rate(world_tokens),
                    train_conversations=len(train_tasks), val_conversations=len(val_tasks),
                    conversations_packed=int(counts[3]), epochs=counts[3] / len(train_tasks),
                    padding_fraction=counts[2] / max(1.0, counts[1] + counts[2]), steps_per_epoch=est["steps_per_epoch"],
-                   val_loss_start=state["val"][0][1], val_loss=state["val"][-1][1], val_curve=state["val"], device=str(dev))
-    if master: atomic_write_json(rdir/"metrics"/f"{phase}_train_summary.json", summary)
-    dist_teardown()
-    return summary
+                   val_loss_start=s["val"][0][1], val_loss=s["val"][-1][1], val_curve=s["val"], device=str(dev))
+    return stage.finish(summary)
 
 # %% ../notebooks/05_midtraining.ipynb #4af3b7e4
 def main(argv=None):

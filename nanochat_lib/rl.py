@@ -4,22 +4,21 @@
 
 # %% auto #0
 __all__ = ['RL_PROBLEM_SEED', 'group_advantages', 'token_logprobs', 'pg_loss', 'Completion', 'rollout', 'rl_rows', 'rl_update',
-           'pass_at_k', 'evaluate_pass_k', 'rl_problems', 'rl_num_steps', 'rl', 'main']
+           'pass_at_k', 'evaluate_pass_k', 'rl_problems', 'rl_num_steps', 'train_step', 'rl', 'main']
 
 # %% ../notebooks/07_rl.ipynb #6ae37601
 import contextlib, json, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import dist_teardown, load_profile, print0, progress_bar, run_dir, run_stage, synchronize, training_process
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .core import load_profile, print0, run_dir, run_stage, training_process
 from .chat_eval import rank_share
 from .engine import Engine
-from .midtrain import _autocast, _sum_over_ranks, make_chat_optimizers, pad_batch
+from .midtrain import make_chat_optimizers, pad_batch
 from .model_io import load_model
 from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import MetricsLog, train_args
-from .report import atomic_write_json
+from .pretrain import train_args
+from .stage import Stage, autocast_context, every, grad_norm, rank0_first, read_jsonl, sum_over_ranks
 from .tasks import WordProblemTask, chat_setting, eval_task, online_task
 
 # %% ../notebooks/07_rl.ipynb #33138341
@@ -77,7 +76,7 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
     adv = group_advantages(rewards).flatten()
     rows = [r for p, g in zip(prompts, groups) for r in rl_rows(p, g)]
     sampled = sum(sum(c.mask) for g in groups for c in g)
-    total = _sum_over_ranks(torch.tensor([float(sampled)], dtype=torch.float64, device=dev)).item()
+    total = sum_over_ranks(torch.tensor([float(sampled)], dtype=torch.float64, device=dev)).item()
     norm = max(total, 1.0) / world_size                  # per-rank scale: the ranks' average is the global mean
     # A row with advantage 0 (every row of a group whose answers all scored the same) adds exactly 0 to the loss
     # and its gradient: skip its forward and backward. Its tokens still count in N.
@@ -96,10 +95,12 @@ def rl_update(model, engine, optimizers, prompts, reward_fn, seeds, num_samples:
         loss_sum += loss.item()
     for p in model.parameters():                       # nothing to learn on this rank: a zero gradient, still a step
         if p.grad is None: p.grad = torch.zeros_like(p)
+    gnorm = grad_norm(model)                           # this rank's gradient, before the optimizers average it
     for opt in optimizers: opt.step()
     model.zero_grad(set_to_none=True)
     model.eval()
-    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum, trained_rows=len(live),
+    return dict(rewards=rewards, advantages=adv.view_as(rewards), sampled_tokens=sampled, loss=loss_sum, grad_norm=gnorm.item(),
+                trained_rows=len(live),
                 ended=sum(c.ended for g in groups for c in g), groups=groups)
 
 # %% ../notebooks/07_rl.ipynb #41c3cd74
@@ -121,7 +122,7 @@ def evaluate_pass_k(engine, tokenizer, task, n: int, max_tokens: int, temperatur
         c = sum(bool(task.evaluate(conv, tokenizer.decode(o.answer_ids))) for o in outs)
         sums[:n] += torch.tensor([pass_at_k(n, c, k) for k in range(1, n + 1)], dtype=torch.float64, device=dev)
         sums[n] += 1; sums[n + 1] += sum(o.ended for o in outs)
-    sums = _sum_over_ranks(sums).tolist()
+    sums = sum_over_ranks(sums).tolist()
     problems = int(sums[n])
     return dict(problems=problems, pass_at_k=[s / max(1, problems) for s in sums[:n]],
                 ended=sums[n + 1] / max(1, problems * n))
@@ -145,8 +146,30 @@ def rl_num_steps(cfg: dict, n_train: int) -> int:
     P = int(cfg["rl_problems_per_step"])
     return int(cfg["rl_num_steps"]) or max(1, n_train // P)
 
+# %% ../notebooks/07_rl.ipynb #8e30afa1
+def train_step(model, engine, optimizers, task, tokenizer, step: int, problems_per_step: int, num_samples: int,
+               lr_mult: float, momentum: float, seed: int = 0, rank: int = 0, world_size: int = 1,
+               device_batch_size: int = 0, autocast=None, **sampling) -> dict:
+    "One RL step: this rank's share (r, r+W, ...) of the step's `problems_per_step` problems of `task`, `num_samples` answers each, graded, one `rl_update`. Returns the step's numbers summed over ranks, and this rank's `rollout` (rl_update's result)."
+    mine = [step * problems_per_step + j for j in rank_share(problems_per_step, rank, world_size)]
+    convs = [task[g % len(task)] for g in mine]
+    score = getattr(task, "reward", None) or (lambda conv, text: float(task.evaluate(conv, text)))
+    set_lr_multiplier(optimizers, lr_mult)
+    set_muon_momentum(optimizers, momentum)
+    out = rl_update(model, engine, optimizers, [tokenizer.render_for_completion(c) for c in convs],
+                    lambda i, c: score(convs[i], tokenizer.decode(c.answer_ids)), [seed * 10**7 + g for g in mine],
+                    num_samples, device_batch_size=device_batch_size, pad_id=tokenizer.bos_id, world_size=world_size,
+                    autocast=autocast, **sampling)
+    rw = out["rewards"]
+    dev = next(model.parameters()).device
+    c = sum_over_ranks(torch.tensor([rw.sum().item(), rw.numel(), float((rw.std(1, correction=0) > 0).sum()), len(mine),
+                                     out["sampled_tokens"], out["ended"]], dtype=torch.float64, device=dev)).tolist()
+    return dict(loss=out["loss"], grad_norm=out["grad_norm"], reward=c[0] / c[1], samples=int(c[1]),
+                learning_groups=c[2] / c[3], sampled_tokens=int(c[4]), mean_sampled_tokens=c[4] / c[1], ended=c[5] / c[1],
+                problems=mine, conversations=convs, rollout=out)
+
 # %% ../notebooks/07_rl.ipynb #713f70e6
-def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=None, heldout=None,
+def rl(cfg: dict, rdir, resume=False, stop_at: int = None, train_task=None, heldout=None,
        phase: str = "rl", source: str = "sft") -> dict:
     "Simplified GRPO from the `source` model of run folder `rdir`; every rank calls this. Returns the summary."
     rdir = Path(rdir)
@@ -154,9 +177,7 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
     master, dev, W, rank = info.is_master, info.device, info.world_size, info.rank
     model, tok, src_meta = load_model(rdir, source, dev)
     if train_task is None or heldout is None:
-        if info.distributed and not master: torch.distributed.barrier()    # rank 0 downloads first (online)
-        built = rl_problems(cfg)
-        if info.distributed and master: torch.distributed.barrier()
+        built = rank0_first(info, lambda: rl_problems(cfg))            # the notebook fetched them: found in the cache
         train_task = built[0] if train_task is None else train_task
         heldout = built[1] if heldout is None else heldout
     P, S = int(cfg["rl_problems_per_step"]), int(cfg["rl_num_samples"])
@@ -164,103 +185,64 @@ def rl(cfg: dict, rdir, resume: bool = False, stop_at: int = None, train_task=No
     steps = rl_num_steps(cfg, len(train_task))
     sampling = dict(max_tokens=int(cfg["rl_max_new_tokens"]), temperature=float(cfg["rl_temperature"]),
                     top_k=int(cfg["rl_top_k"]) or None)
-    K, eval_every, save_every = int(cfg["rl_pass_k"]), int(cfg["rl_eval_every"]), int(cfg["rl_save_every"])
-    optimizers = make_chat_optimizers(model, cfg, float(cfg["rl_lr_frac"]))
+    K, eval_every, lr_frac = int(cfg["rl_pass_k"]), int(cfg["rl_eval_every"]), float(cfg["rl_lr_frac"])
+    optimizers = make_chat_optimizers(model, cfg, lr_frac)
+    src = dict(phase=source, step=src_meta["step"])
+    stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
+                  save_every=int(cfg["rl_save_every"]), warmup_steps=0,
+                  plan=dict(model_config=vars(model.config), num_iterations=steps, problems_per_step=P, num_samples=S,
+                            world_size=W, lr_frac=lr_frac, source=src, rl_source=cfg["rl_source"],
+                            train_problems=len(train_task), seed=int(cfg["seed"]), **sampling),
+                  state=dict(eval_seconds=0.0, samples=0, sampled_tokens=0, evals=[], rewards=[]),
+                  meta=dict(vocab_size=tok.vocab_size, rl_source=cfg["rl_source"], source=src))
+    stage.start()
     engine = Engine(model, tok, cast_weights=False)      # samples with the weights being trained (autocast on GPUs)
-    score = getattr(train_task, "reward", None) or (lambda conv, text: float(train_task.evaluate(conv, text)))
-    autocast = _autocast(dev)
-    ckpt_dir = rdir/"checkpoints"/phase
-    step, state = 0, dict(train_seconds=0.0, eval_seconds=0.0, samples=0, sampled_tokens=0, evals=[], rewards=[])
-    if resume:
-        last = latest_checkpoint(ckpt_dir)
-        if last is None: raise FileNotFoundError(f"--resume: no checkpoint in {ckpt_dir}")
-        meta, rs = load_checkpoint(last, model, optimizers, rank=rank, map_location=dev)
-        step, state = meta["step"], rs["state"]
-        print0(f"resumed from {last} at step {step}")
-    log = MetricsLog(rdir/"metrics"/f"{phase}_train.jsonl", master, resume_step=step if resume else None)
-    if resume and state["evals"] and state["evals"][-1]["step"] == step:      # measured just before the checkpoint
-        e = state["evals"][-1]
-        log.write(step=step, pass_at_k=e["pass_at_k"], eval_problems=e["problems"], eval_ended=e["ended"])
+    autocast = autocast_context(dev)
     model.eval()
     print0(f"{phase}: from {source} step {src_meta['step']} | {len(train_task):,} training problems ({cfg['rl_source']}), "
            f"{len(heldout)} held out | {steps} steps of {P} problems x {S} samples on {W} rank(s) | "
            f"max {sampling['max_tokens']} new tokens, T={sampling['temperature']}, top-k {sampling['top_k']} | "
-           f"lr x {float(cfg['rl_lr_frac'])} decaying to 0 | {dev}")
+           f"lr x {lr_frac} decaying to 0 | {dev}")
 
-    def evaluate():
-        t0 = time.time()
-        r = evaluate_pass_k(engine, tok, heldout, K, rank=rank, world_size=W, **sampling)
-        state["eval_seconds"] += time.time() - t0
-        return r
-
-    bar = progress_bar(steps, step, phase, enabled=master)
-    t_loop = time.time()
-    while True:
-        last = step == steps
-        if last or step == 0 or (eval_every > 0 and step % eval_every == 0):
-            if not state["evals"] or state["evals"][-1]["step"] != step:
-                r = evaluate()
-                state["evals"].append(dict(step=step, **r))
-                log.write(step=step, pass_at_k=r["pass_at_k"], eval_problems=r["problems"], eval_ended=r["ended"])
-                print0(f"\nstep {step:4d} | held-out pass@1 {r['pass_at_k'][0]:.4f}, pass@{K} {r['pass_at_k'][-1]:.4f} "
-                       f"({r['problems']} problems)")
-        if last or (save_every > 0 and step > 0 and step % save_every == 0) or step == stop_at:
-            ev = state["evals"][-1] if state["evals"] and state["evals"][-1]["step"] == step else None
-            save_checkpoint(ckpt_dir, step, model, optimizers,
-                            meta=dict(phase=phase, model_config=vars(model.config), profile=cfg.get("profile"),
-                                      num_iterations=steps, vocab_size=tok.vocab_size, rl_source=cfg["rl_source"],
-                                      pass_at_1=ev["pass_at_k"][0] if ev else None,
-                                      source=dict(phase=source, step=src_meta["step"])),
-                            rank_state=dict(state=state), rank=rank, world_size=W, keep_last=int(cfg["keep_checkpoints"]))
-        if last or step == stop_at: break
-
-        # ---- one step: this rank's share of the step's problems, S samples each ----
-        synchronize(dev)
-        t0 = time.time()
-        mine = [step * P + j for j in rank_share(P, rank, W)]
-        convs = [train_task[g % len(train_task)] for g in mine]
-        prompts = [tok.render_for_completion(c) for c in convs]
-        reward = lambda i, c: score(convs[i], tok.decode(c.answer_ids))
+    evals = stage.state["evals"]
+    if stage.resumed_from is not None and evals and evals[-1]["step"] == stage.step:   # measured just before the checkpoint
+        e = evals[-1]
+        stage.log.write(step=e["step"], pass_at_k=e["pass_at_k"], eval_problems=e["problems"], eval_ended=e["ended"])
+    for step in stage:
+        if (stage.last or step == 0 or every(step, eval_every)) and not (evals and evals[-1]["step"] == step):
+            t0 = time.time()
+            r = evaluate_pass_k(engine, tok, heldout, K, rank=rank, world_size=W, **sampling)
+            stage.state["eval_seconds"] += time.time() - t0
+            evals.append(dict(step=step, **r))
+            stage.log.write(step=step, pass_at_k=r["pass_at_k"], eval_problems=r["problems"], eval_ended=r["ended"])
+            print0(f"\nstep {step:4d} | held-out pass@1 {r['pass_at_k'][0]:.4f}, pass@{K} {r['pass_at_k'][-1]:.4f} "
+                   f"({r['problems']} problems)")
+        ev = evals[-1] if evals and evals[-1]["step"] == step else None
+        stage.save_when_due(pass_at_1=ev["pass_at_k"][0] if ev else None)
+        if stage.stopping: break
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)   # 1 -> 0, linearly
-        set_lr_multiplier(optimizers, lrm)
-        set_muon_momentum(optimizers, muon_momentum(step))
-        out = rl_update(model, engine, optimizers, prompts, reward, [int(cfg["seed"]) * 10**7 + g for g in mine], S,
-                        device_batch_size=int(cfg["rl_device_batch_size"]), pad_id=tok.bos_id, world_size=W,
-                        autocast=autocast, **sampling)
-        rw = out["rewards"]
-        counts = _sum_over_ranks(torch.tensor([rw.sum().item(), rw.numel(), float((rw.std(1, correction=0) > 0).sum()),
-                                               len(mine), out["sampled_tokens"], out["ended"]],
-                                              dtype=torch.float64, device=dev)).tolist()
-        dt = time.time() - t0
-        step += 1
-        state["train_seconds"] += dt
-        state["samples"] += int(counts[1]); state["sampled_tokens"] += int(counts[4])
-        mean_reward = counts[0] / counts[1]
-        state["rewards"].append((step, mean_reward))
-        log.write(step=step, loss=out["loss"], reward=mean_reward, learning_groups=counts[2] / counts[3],
-                  mean_sampled_tokens=counts[4] / counts[1], ended=counts[5] / counts[1], lr_mult=lrm,
-                  samples=state["samples"], elapsed=state["train_seconds"])
-        if bar is not None:
-            bar.update(1)
-            bar.set_postfix_str(f"reward {mean_reward:.3f} | groups learning {counts[2] / counts[3]:.0%} | "
-                                f"lr x{lrm:.2f}", refresh=False)
-    if bar is not None: bar.close()
+        with stage.timing():
+            out = train_step(model, engine, optimizers, train_task, tok, step, P, S, lrm, muon_momentum(step),
+                             seed=int(cfg["seed"]), rank=rank, world_size=W, device_batch_size=int(cfg["rl_device_batch_size"]),
+                             autocast=autocast, **sampling)
+        stage.state["samples"] += out["samples"]; stage.state["sampled_tokens"] += out["sampled_tokens"]
+        stage.state["rewards"].append((step + 1, out["reward"]))
+        stage.end_step(f"reward {out['reward']:.3f} | groups learning {out['learning_groups']:.0%} | lr x{lrm:.2f}",
+                       loss=out["loss"], reward=out["reward"], learning_groups=out["learning_groups"],
+                       mean_sampled_tokens=out["mean_sampled_tokens"], ended=out["ended"], lr_mult=lrm,
+                       grad_norm=out["grad_norm"], samples=stage.state["samples"])
 
-    evals = state["evals"]
-    rewards = [r for _, r in state["rewards"]]
-    summary = dict(phase=phase, source=dict(phase=source, step=src_meta["step"]), rl_source=cfg["rl_source"], steps=steps,
-                   world_size=W, problems_per_step=P, num_samples=S, samples=state["samples"],
-                   sampled_tokens=state["sampled_tokens"], train_problems=len(train_task),
+    s = stage.state
+    rewards = [r for _, r in s["rewards"]]
+    summary = dict(phase=phase, source=src, rl_source=cfg["rl_source"], steps=steps, world_size=W, problems_per_step=P,
+                   num_samples=S, samples=s["samples"], sampled_tokens=s["sampled_tokens"], train_problems=len(train_task),
                    eval_task=getattr(heldout, "name", "held out"), eval_problems=evals[-1]["problems"], pass_k=K,
                    pass_at_k_before=evals[0]["pass_at_k"], pass_at_k_after=evals[-1]["pass_at_k"],
-                   pass_curve=[(e["step"], e["pass_at_k"]) for e in evals], reward_curve=state["rewards"],
+                   pass_curve=[(e["step"], e["pass_at_k"]) for e in evals], reward_curve=s["rewards"],
                    reward_first=sum(rewards[:5]) / max(1, len(rewards[:5])),
                    reward_last=sum(rewards[-5:]) / max(1, len(rewards[-5:])), **sampling,
-                   train_seconds=state["train_seconds"], eval_seconds=state["eval_seconds"],
-                   wall_seconds=time.time() - t_loop, device=str(dev))
-    if master: atomic_write_json(rdir/"metrics"/f"{phase}_train_summary.json", summary)
-    dist_teardown()
-    return summary
+                   train_seconds=s["train_seconds"], eval_seconds=s["eval_seconds"], device=str(dev))
+    return stage.finish(summary)
 
 # %% ../notebooks/07_rl.ipynb #b2bc4cf8
 def main(argv=None):

@@ -262,3 +262,30 @@ def test_every_setting_is_explained_and_used():
     for section in cp.sections():                          # profiles only set keys that DEFAULT explains
         extra = set(cp[section]) - set(cp.defaults())
         assert not extra, f"[{section}] sets keys missing from [DEFAULT]: {sorted(extra)}"
+
+
+def test_stage_command_line_resume_modes(monkeypatch):
+    "Without a flag the `resume` setting decides (auto); --resume requires a checkpoint, --fresh starts over."
+    seen = {}
+    train = lambda cfg, rdir, resume, stop_at: seen.update(mode=resume, stop_at=stop_at, timeout=cfg["dist_timeout_minutes"])
+    monkeypatch.setattr(core, "run_dir", lambda name: name)
+    core.run_stage(train, "t", "d", ["--run", "x"])
+    assert seen == dict(mode="auto", stop_at=None, timeout=30)
+    core.run_stage(train, "t", "d", ["--run", "x", "--resume", "--stop-at", "3"])
+    assert seen["mode"] == "require" and seen["stop_at"] == 3
+    core.run_stage(train, "t", "d", ["--run", "x", "--fresh"])
+    assert seen["mode"] == "fresh"
+    core.run_stage(train, "t", "d", ["--run", "x", "--set", "resume=fresh"])
+    assert seen["mode"] == "fresh"
+    with pytest.raises(SystemExit):
+        core.run_stage(train, "t", "d", ["--run", "x", "--fresh", "--resume"])
+
+
+def test_process_group_timeout_is_the_setting(monkeypatch):
+    from datetime import timedelta
+    got = {}
+    monkeypatch.setenv("RANK", "0"); monkeypatch.setenv("LOCAL_RANK", "0"); monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout, **kw: got.update(backend=backend, timeout=timeout))
+    core.training_process(load_profile("tiny", {"dist_timeout_minutes": 45}))
+    assert got == dict(backend="gloo", timeout=timedelta(minutes=45))

@@ -124,3 +124,27 @@ def test_bpb_all_reduced_over_two_gloo_ranks_equals_one_process():
         mp.spawn(_worker, args=(2, free_port(), batches, token_bytes, out), nprocs=2, join=True)
         results = dict(out)
     assert results[0] == pytest.approx(single, rel=1e-12) and results[1] == pytest.approx(single, rel=1e-12)
+
+
+def test_chunked_loss_never_holds_more_logits_than_the_budget_and_gives_the_same_numbers():
+    from nanochat_lib.loss_eval import LOGITS_BUDGET, chunked_loss, per_token_loss, rows_per_pass
+    from nanochat_lib.model import GPTConfig, build_model
+    torch.manual_seed(0)
+    gpt = build_model(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)).eval()
+    calls = []
+    real_forward = gpt.forward
+    gpt.forward = lambda x, y=None, loss_reduction="mean": calls.append(x.shape[0]) or real_forward(x, y, loss_reduction)
+    x, y = torch.randint(0, 64, (7, 16)), torch.randint(0, 64, (7, 16))
+    y[2, 3:] = -1                                                    # ignored targets stay ignored
+    with torch.no_grad():
+        whole = real_forward(x, y, loss_reduction="none").reshape(-1)
+        torch.testing.assert_close(per_token_loss(gpt, x, y, max_logits=3 * 16 * 64), whole, rtol=1e-5, atol=1e-6)
+        assert calls == [3, 3, 1]                                    # at most 3 rows x 16 positions x 64 logits per pass
+        calls.clear()
+        torch.testing.assert_close(chunked_loss(gpt, x, y, "sum", max_logits=16 * 64), whole.sum(), rtol=1e-5, atol=1e-4)
+        assert calls == [1] * 7
+        calls.clear()
+        assert torch.equal(chunked_loss(gpt, x, y, "sum"), real_forward(x, y, loss_reduction="sum"))   # fits: one pass, same bits
+        assert calls == [7]
+    assert rows_per_pass(gpt, 16) == LOGITS_BUDGET // (16 * 64) and rows_per_pass(object(), 16) == 0
+    assert rows_per_pass(type("M", (), {"vocab_size": 65536})(), 2048) == 1   # the d20 speedrun: one row per pass
