@@ -327,10 +327,13 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def run_stage(train, prog: str, description: str, argv=None):
     "A training stage's `main`: parse the common command line, then `train(cfg, run folder, resume=mode, stop_at=)`."
     args = stage_parser(prog, description).parse_args(argv)
-    cfg = load_profile(args.profile, parse_overrides(args.sets))
+    with cli_errors():                      # a bad profile, setting, run name or device: one line, not a traceback
+        cfg = load_profile(args.profile, parse_overrides(args.sets))
+        check_device(cfg)
+        rdir = run_dir(args.run)
     # without a flag the `resume` setting decides: `auto` continues a stage that was interrupted, by itself
     mode = "require" if args.resume else "fresh" if args.fresh else str(cfg["resume"])
-    return train(cfg, run_dir(args.run), resume=mode, stop_at=args.stop_at)
+    return train(cfg, rdir, resume=mode, stop_at=args.stop_at)
 
 def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
     "A tqdm bar for training loops; in a log or a notebook cell (not a terminal) it prints a line every few seconds."

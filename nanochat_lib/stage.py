@@ -15,6 +15,7 @@ import torch
 from .core import compute_dtype, dist_teardown, print0, progress_bar, synchronize
 from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .report import atomic_write_json, atomic_write_text
+from .tracker import NullTracker, make_tracker
 
 # %% ../notebooks/03e_stage.ipynb #e924bf98
 def read_jsonl(path) -> list:
@@ -33,8 +34,10 @@ def read_jsonl(path) -> list:
 
 class StageLog:
     "A stage's metric records, one JSON line each (rank 0 only); on a resume the records after the checkpoint are dropped."
-    def __init__(self, path, enabled: bool = True, resume_step: int = None):
+    def __init__(self, path, enabled: bool = True, resume_step: int = None, tracker=None):
+        # `tracker` (notebook 00e) mirrors every record and the summary to an experiment tracker, when one is on
         self.path, self.enabled = Path(path), enabled
+        self.tracker = tracker if tracker is not None else NullTracker()
         if not enabled: return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # a resumed run keeps what happened before its checkpoint: the training records up to its step and the
@@ -50,10 +53,14 @@ class StageLog:
         "Append one record. Every per-step and evaluation record of every stage passes here."
         if self.enabled:
             with open(self.path, "a") as f: f.write(json.dumps(rec) + "\n")
+            self.tracker.log(rec, step=rec.get("step"))
 
     def finish(self, summary: dict, path) -> dict:
         "Write the stage's summary JSON. Every stage's final summary passes here."
-        if self.enabled: atomic_write_json(path, summary)
+        if self.enabled:
+            atomic_write_json(path, summary)
+            self.tracker.summary(summary)
+        self.tracker.finish()
         return summary
 
 # %% ../notebooks/03e_stage.ipynb #00f8cf86
@@ -171,7 +178,8 @@ class Stage:
             self.step = self.resumed_from = int(meta["step"])
             self.state = extras.pop("state")
             print0(f"resumed from {last} at step {self.step}")
-        self.log = StageLog(self.rdir/"metrics"/f"{self.phase}_train.jsonl", self.master, self.resumed_from)
+        tracker = make_tracker(self.cfg, self.rdir.name, self.phase, enabled=self.master)
+        self.log = StageLog(self.rdir/"metrics"/f"{self.phase}_train.jsonl", self.master, self.resumed_from, tracker)
         return extras
 
     def __iter__(self):

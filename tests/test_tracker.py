@@ -96,3 +96,22 @@ def test_run_files_default_to_the_run_folder(wandb_offline, runs_tmp, monkeypatc
         t.log({"step": 1, "loss": 0.5})
     files = finished_runs(runs_tmp / "t2" / "wandb")
     assert len(files) == 1 and read_offline_run(files[0])["history"][0]["loss"] == 0.5
+
+
+def test_stage_log_mirrors_records_and_summary_to_its_tracker(tmp_path):
+    "Every trainer's records and summary pass through StageLog, which hands them to the tracker (rank 0 only)."
+    from nanochat_lib.stage import StageLog
+    class Recorder:
+        def __init__(self): self.logged, self.summaries, self.finished = [], [], 0
+        def log(self, rec, step=None): self.logged.append((step, rec))
+        def summary(self, d): self.summaries.append(d)
+        def finish(self): self.finished += 1
+    t = Recorder()
+    log = StageLog(tmp_path/"m.jsonl", True, None, t)
+    log.write(step=1, loss=2.5); log.write(step=2, val_bpb=1.25)
+    log.finish({"val_bpb": 1.25}, tmp_path/"s.json")
+    assert t.logged == [(1, {"step": 1, "loss": 2.5}), (2, {"step": 2, "val_bpb": 1.25})]
+    assert t.summaries == [{"val_bpb": 1.25}] and t.finished == 1
+    off = Recorder()
+    StageLog(tmp_path/"n.jsonl", False, None, off).write(step=1, loss=1.0)    # not rank 0: nothing leaves
+    assert off.logged == []
