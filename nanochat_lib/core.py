@@ -99,7 +99,7 @@ _LIST_CHOICES = dict(offline_sources=("wiki", "django", "pydoc"))   # comma-sepa
 # Numbers are >= 0 (counts, sizes, rates, and 0 keeps the meaning settings.ini gives it) unless listed here.
 _POSITIVE = set("""nproc_per_node nnodes offline_shard_chars download_workers tok_doc_cap max_seq_len device_batch_size
     loader_buffer_docs tokenizer_threads depth aspect_ratio head_dim param_data_ratio matrix_lr embedding_lr unembedding_lr
-    keep_checkpoints chat_eval_word_problems mid_epochs mid_lr_frac mid_buffer_size sft_epochs sft_lr_frac
+    chat_eval_word_problems mid_epochs mid_lr_frac mid_buffer_size sft_epochs sft_lr_frac
     sft_device_batch_size sft_examples_per_step chat_eval_batch_size chat_eval_num_samples chat_eval_max_tokens
     rl_problems_per_step rl_num_samples rl_max_new_tokens rl_lr_frac rl_pass_k serve_max_messages serve_max_chars
     serve_max_tokens serve_default_max_tokens""".split())
