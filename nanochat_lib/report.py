@@ -138,13 +138,14 @@ def _fmt_duration(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m" if seconds >= 60 else f"{seconds:.0f}s"
 
 def summary_table(stages) -> str:
-    "The `Metric | BASE | MID | SFT | RL` table from the stages' summary cells ('-' where missing)."
+    "The `Metric | BASE | MID | SFT | RL` table from the stages' summary cells ('-' where missing), intervals beside them."
     cells, core_name = {}, "CORE"
     for r in stages:
         for metric, v in (r.get("summary") or {}).items():
             row = "CORE" if metric.startswith("CORE") else metric
             if row == "CORE": core_name = metric
-            cells[(row, r["column"])] = v
+            interval = (r.get("metrics") or {}).get(f"{metric} 95% interval")
+            cells[(row, r["column"])] = f"{fmt_value(v)} {interval}" if interval else v
     extra = sorted({row for row, _ in cells} - set(SUMMARY_ROWS))
     lines = ["| Metric | " + " | ".join(SUMMARY_COLUMNS) + " |", "|---" * (len(SUMMARY_COLUMNS) + 1) + "|"]
     for row in (*SUMMARY_ROWS, *extra):
@@ -174,6 +175,9 @@ def render_report(rdir) -> str:
         out.append("")
     if prints := fingerprint_table(rdir): out += ["## Data fingerprints", "", prints, ""]
     out += ["## Summary", "", summary_table(stages), ""]
+    if any(k.endswith(" 95% interval") for r in stages if r.get("summary") for k in r["metrics"]):
+        out += ["In brackets: the 95% Wilson interval of an accuracy over its problems; each chat evaluation section "
+                "gives the problem counts and the chance level (0.25 for four letters, 0 for free answers).", ""]
     nbs = run.get("notebooks", {})
     elapsed = sum(n.get("elapsed_s", 0) for n in nbs.values() if n.get("status") == "completed")
     if nbs:

@@ -150,3 +150,80 @@ def test_two_ranks_split_the_problems_and_sum_the_counts(run, tmp_path):
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert got[0] == got[1]                                       # every rank ends with the totals
     assert (got[0]["problems"], got[0]["correct"], got[0]["checked"], got[0]["valid"]) == (9, 4, 5, 5)
+
+
+def test_wilson_interval_known_values():
+    from nanochat_lib.chat_eval import wilson_interval
+    assert wilson_interval(5, 10) == pytest.approx((0.236590, 0.763410), abs=1e-6)      # published: 0.2366, 0.7634
+    assert wilson_interval(0, 10) == pytest.approx((0.0, 0.277540), abs=1e-6) and wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(10, 10)[1] == 1.0 and wilson_interval(10, 10)[0] == pytest.approx(0.722460, abs=1e-6)
+    assert wilson_interval(12, 40) == pytest.approx((0.180747, 0.454303), abs=1e-6)
+    # the other closed form: (2k + z² ± z·sqrt(z² + 4k(n-k)/n)) / (2(n + z²))
+    import math
+    for k, n in ((3, 7), (1, 200), (150, 200)):
+        z = 1.96
+        root = z * math.sqrt(z * z + 4 * k * (n - k) / n)
+        assert wilson_interval(k, n) == pytest.approx(((2 * k + z * z - root) / (2 * (n + z * z)),
+                                                       (2 * k + z * z + root) / (2 * (n + z * z))), abs=1e-12)
+    # z = 0: the interval is the point estimate
+    assert wilson_interval(3, 7, z=0.0) == pytest.approx((3 / 7, 3 / 7))
+    for bad in ((1, 0), (-1, 5), (6, 5)):
+        with pytest.raises(ValueError, match="0 <= k <= n"):
+            wilson_interval(*bad)
+
+
+def test_paired_intervals_on_known_data():
+    import math
+    from nanochat_lib.chat_eval import paired_bootstrap, paired_difference
+    r = paired_difference([0, 0, 0, 0], [0, 0, 1, 1])
+    se = math.sqrt(1 / 3) / 2
+    assert (r["diff"], r["problems"]) == (0.5, 4) and r["se"] == pytest.approx(se)
+    assert (r["low"], r["high"]) == pytest.approx((0.5 - 1.96 * se, 0.5 + 1.96 * se))
+    same = paired_difference([0.25, 0.5, 0.75], [0.5, 0.75, 1.0])      # every problem moves by exactly 0.25
+    assert (same["low"], same["diff"], same["high"]) == pytest.approx((0.25, 0.25, 0.25))
+    # bootstrap of differences 0 and 1: means 0, 0.5, 1 with chances 1/4, 1/2, 1/4
+    b = paired_bootstrap([0, 0], [0, 1], reps=4000, seed=1)
+    assert (b["low"], b["diff"], b["high"]) == (0.0, 0.5, 1.0)
+    assert paired_bootstrap([0.1] * 5, [0.3] * 5)["low"] == pytest.approx(0.2)
+    # seeded: the same numbers twice; and close to the normal interval on a large sample
+    g = torch.Generator().manual_seed(0)
+    before, after = torch.rand(400, generator=g), torch.rand(400, generator=g) + 0.05
+    b1, b2 = paired_bootstrap(before, after, seed=3), paired_bootstrap(before, after, seed=3)
+    assert b1 == b2
+    n = paired_difference(before, after)
+    assert b1["low"] == pytest.approx(n["low"], abs=0.01) and b1["high"] == pytest.approx(n["high"], abs=0.01)
+    with pytest.raises(ValueError):
+        paired_difference([1, 2], [1])
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_difference([1], [1])
+
+
+def test_summary_carries_intervals_and_chance():
+    from nanochat_lib.chat_eval import CHANCE_LEVELS
+    res = {"MMLU": dict(kind="categorical", available=100, problems=40, correct=12, checked=0, valid=0, ended=0,
+                        free_correct=0),
+           "WordProblems": dict(kind="generative", available=200, problems=10, correct=5, samples=10, ended=10)}
+    metrics, table, summary = summarize(res, "sft")
+    assert metrics["MMLU 95% interval"] == "[0.18, 0.45]" and metrics["MMLU chance"] == 0.25
+    assert metrics[f"{WORD_PROBLEMS_LABEL} 95% interval"] == "[0.24, 0.76]" and metrics[f"{WORD_PROBLEMS_LABEL} chance"] == 0.0
+    assert "| MMLU | 0.3000 | [0.18, 0.45] | 0.25 | 12 / 40 | 100 |" in table
+    assert set(CHANCE_LEVELS) == set(CHATCORE_BASELINES) | {"WordProblems"}
+    assert all(CHANCE_LEVELS[k] == v for k, v in CHATCORE_BASELINES.items())
+
+
+def test_show_solutions_prints_the_calculator_call(run, capsys):
+    from nanochat_lib.chat_eval import show_solutions
+    from nanochat_lib.tasks import GSM8KTask
+    _, tok = run
+    sp = tok.encode_special
+    task = GSM8KTask([dict(question="Six boxes hold 7 pens each. How many pens?", answer="6*7=<<6*7=42>>42\n#### 42"),
+                      dict(question="Two bags of 5 apples. How many apples?", answer="2*5=<<2*5=10>>10\n#### 10")])
+    # the model writes the call; the engine forces <|output_start|>42<|output_end|> (the script's 0s stand in for them)
+    script = [sp("<|python_start|>"), *tok.encode("6*7"), sp("<|python_end|>"), *[0] * (2 + len(tok.encode("42"))),
+              *tok.encode(" so\n#### 42"), sp("<|assistant_end|>")]
+    shown = show_solutions(Engine(ScriptedModel([script], tok.vocab_size), tok), tok, task, solved=1, failed=1)
+    assert [(s["index"], s["correct"], s["calls"], s["outputs"], s["answer"]) for s in shown] == \
+        [(0, True, ["6*7"], ["42"], "42"), (1, False, ["6*7"], ["42"], "42")]
+    out = capsys.readouterr().out
+    assert "[solved] problem 0: Six boxes" in out and "calculator: 6*7 -> 42" in out and "[FAILED] problem 1" in out
+    assert "answer: 42 (reference 10)" in out

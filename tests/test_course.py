@@ -72,11 +72,15 @@ def test_report_has_the_base_model_section(tiny_run):
     assert (ckpt / "latest").exists() and json.loads((ckpt / (ckpt / "latest").read_text().strip() / "meta.json").read_text())["step"] > 0
 
 
+# a summary cell: an accuracy, and for chat-eval accuracies their 95% interval beside it ("0.3000 [0.18, 0.45]")
+ACC = r"-?[\d.]+(?: \[[\d.]+, [\d.]+\])?"
+
+
 def test_chat_stages_fill_mid_and_sft_columns(tiny_run):
     report = (tiny_run / "report.md").read_text()
     for row in ("ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "ChatCORE"):
-        rl = r"-?[\d.]+" if row == "GSM8K" else "-"            # 07_rl evaluates its model on GSM8K only
-        assert re.search(rf"^\| {row} \| - \| -?[\d.]+ \| -?[\d.]+ \| {rl} \|$", report, re.M), row
+        rl = ACC if row == "GSM8K" else "-"                     # 07_rl evaluates its model on GSM8K only
+        assert re.search(rf"^\| {row} \| - \| {ACC} \| {ACC} \| {rl} \|$", report, re.M), row
     sft = json.loads((tiny_run / "metrics" / "chat_eval_sft.json").read_text())["metrics"]
     assert sft["valid letter rate (all multiple choice)"] >= 0.95      # the format target after SFT
     assert sft["assistant_end rate (all multiple choice)"] >= 0.95
@@ -89,7 +93,7 @@ def test_rl_section_and_column(tiny_run):
     before, after, n = metric(report, "pass@1_before"), metric(report, "pass@1_after"), metric(report, "eval_problems")
     assert n >= 50 and 0 <= before < after <= 1          # the tiny target: RL raises held-out pass@1 over SFT's
     assert metric(report, "samples") > 0 and metric(report, "steps") > 0
-    assert re.search(r"^\| GSM8K \| - \| -?[\d.]+ \| -?[\d.]+ \| -?[\d.]+ \|$", report, re.M)   # the RL column
+    assert re.search(rf"^\| GSM8K \| - \| {ACC} \| {ACC} \| {ACC} \|$", report, re.M)   # the RL column
     assert "## Chat evaluation: RL model" in report
     assert (tiny_run / "plots" / "rl_reward_passk.png").stat().st_size > 10_000
     ckpt = tiny_run / "checkpoints" / "rl"

@@ -68,3 +68,17 @@ def test_fingerprints_are_recorded_replaced_and_listed(tmp_path):
     for bad in ("abc", "g" * 64, a[:-1]):
         with pytest.raises(ValueError, match="64 hex digits"):
             record_fingerprint(tmp_path, "x", bad)
+
+
+def test_summary_shows_intervals_beside_the_values(tmp_path):
+    record_stage(tmp_path, "chat_eval_sft", "Chat evaluation: SFT model",
+                 {"MMLU accuracy": 0.3, "MMLU 95% interval": "[0.18, 0.45]", "MMLU chance": 0.25, "ChatCORE": 0.01},
+                 summary={"MMLU": 0.3, "ChatCORE": 0.01}, column="SFT")
+    text = render_report(tmp_path)
+    assert "| MMLU | - | - | 0.3000 [0.18, 0.45] | - |" in text
+    assert "| ChatCORE | - | - | 0.0100 | - |" in text                     # no interval recorded: the bare value
+    assert "In brackets: the 95% Wilson interval" in text and "- MMLU 95% interval: [0.18, 0.45]" in text
+    # without intervals the note is left out
+    record_stage(tmp_path, "chat_eval_sft", "Chat evaluation: SFT model", {"MMLU accuracy": 0.3},
+                 summary={"MMLU": 0.3}, column="SFT")
+    assert "In brackets" not in render_report(tmp_path)
