@@ -894,7 +894,7 @@ def exclude_overlap(task: Task, fingerprints: set, key: Callable = prompt_hash) 
 CHAT_DEFAULTS = dict(
     chat_source="offline",     # offline (registry packages) or online (Hugging Face datasets)
     chat_max_rows=0,           # cap on the rows taken from each real training source (0 = all)
-    chat_sft_rows=10000,       # cap on the chats taken from each conversation source for SFT
+    chat_sft_rows=10000,       # SFT: cap on each chat, multiple-choice and spelling source (word problems, identity whole)
     chat_identity=1000,        # generated identity chats
     chat_word_problems=8000,   # generated word problems with calculator calls (training split)
     chat_mc_practice=5000,     # generated multiple-choice questions (offline, where no MC training split exists)
@@ -961,9 +961,10 @@ def _offline_mc_practice() -> list:
             MultipleChoiceTask(offline_mmlu_rows("dev") + offline_mmlu_rows("validation"), mmlu_item,
                                "mmlu/dev+validation", SHUFFLE_SEED)]
 
-def _val_tasks(cfg) -> list:
+def _val_tasks(cfg, stage: str = "mid") -> list:
     n = chat_setting(cfg, "chat_val_rows")
     chats = _offline_chats("val") if _source(cfg) == "offline" else [online_task("smoltalk", "test")]
+    if stage == "sft": chats = [t for t in chats if not t.name.startswith("chatterbot")]   # SFT's own target (below)
     return ([_cap(t, n) for t in chats] + [WordProblemTask(n, seed=1, split="test"),
             _cap(eval_task("MMLU", cfg), n), _cap(eval_task("GSM8K", cfg), n)])
 
@@ -980,14 +981,21 @@ def _train_tasks(cfg, stage: str) -> list:
               else [_cap(online_task("mmlu_aux", "train"), cap)])
         return clean(chats + mc + [_cap(online_task("gsm8k", "train"), cap)]) + _generated(cfg, "train")
     practice = MCPracticeTask(chat_setting(cfg, "chat_mc_practice"))
-    real = [_cap(t, chat_cap) for t in _offline_chats("train")] + [_cap(t, cap) for t in _offline_mc_practice()]
-    return clean(real) + ([practice] if len(practice) else []) + _generated(cfg, "train")
+    chats, mc, generated = _offline_chats("train"), _offline_mc_practice(), ([practice] if len(practice) else []) + _generated(cfg, "train")
+    if stage == "sft":
+        # SFT is smaller and cleaner, leaning on what the chat evals ask: no chatterbot (short canned replies, the
+        # noisiest chats), and multiple choice and spelling capped like the chats; word problems and identity stay whole
+        chats = [t for t in chats if not t.name.startswith("chatterbot")]
+        mc = [_cap(t, chat_cap) for t in mc]
+        generated = [t if isinstance(t, (WordProblemTask, IdentityTask)) else _cap(t, chat_cap) for t in generated]
+    real = [_cap(t, chat_cap) for t in chats] + [_cap(t, cap) for t in mc]
+    return clean(real) + generated
 
 def training_mixture(cfg=None, split: str = "train", stage: str = "mid", seed: int = 42) -> TaskMixture:
     "The chat data of a stage ('mid' or 'sft'): `split` 'train' to train on, 'val' for the validation loss."
     if stage not in ("mid", "sft"): raise ValueError(f"stage must be 'mid' or 'sft', got {stage!r}")
     if split not in ("train", "val"): raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    tasks = _train_tasks(cfg, stage) if split == "train" else _val_tasks(cfg)
+    tasks = _train_tasks(cfg, stage) if split == "train" else _val_tasks(cfg, stage)
     return TaskMixture([t for t in tasks if len(t)], seed=seed, name=f"{stage}/{split}")
 
 # %% ../notebooks/04e_tasks.ipynb #201ce421

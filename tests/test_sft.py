@@ -85,3 +85,20 @@ def test_stream_skips_conversations_cropped_before_the_answer(tmp_path):
     assert s.cursor == 4 and all(m[1:].any() for _, m in got)
     with pytest.raises(ValueError, match="train on"):
         ConversationStream([long_question], tok, 65).take(1)
+
+
+def test_greedy_replies_match_the_engine_one_prompt_at_a_time(tmp_path):
+    from nanochat_lib.chat_eval import sample_completions
+    from nanochat_lib.engine import Engine, random_gpt
+    from nanochat_lib.model import GPTConfig
+    from nanochat_lib.sft import greedy_replies
+    tok = Tokenizer.load(make_run(tmp_path) / "tokenizer")
+    model = random_gpt(GPTConfig(sequence_len=128, vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=64), seed=3)
+    engine = Engine(model, tok)
+    prompts = [tok.render_for_completion(c) for c in conversations(2, 2, 1, seed=5)]
+    assert len({len(p) for p in prompts}) > 1                                     # different lengths: left padding is used
+    got = greedy_replies(engine, prompts, 12)
+    assert got == [sample_completions(engine, p, 1, max_tokens=12, temperature=0.0)[0] for p in prompts]
+    assert all(len(ids) <= 12 and isinstance(ended, bool) for ids, ended in got)
+    with pytest.raises(ValueError, match="rotary"):
+        greedy_replies(engine, prompts, 10 * 128)

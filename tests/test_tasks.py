@@ -456,5 +456,11 @@ def test_offline_eval_tasks_and_mixtures(wheels):
     for conv in mix: normalize_messages(conv)               # every training example renders
     small = T.training_mixture(dict(cfg, chat_max_rows=2, chat_sft_rows=1), "train", "sft")
     assert {t.name: len(t) for t in small.tasks}["chitchat/train"] == 1
+    sft_counts = {t.name: len(t) for t in small.tasks}             # SFT: smaller and cleaner, leaning on the evals' formats
+    assert not any(n.startswith("chatterbot") for n in sft_counts)
+    assert sft_counts["mc_practice"] == 1 and sft_counts["arc_easy/validation"] == 1 and sft_counts["spelling/count"] == 1
+    assert sft_counts["word_problems/train"] == 10 and sft_counts["identity"] == 4
+    mid_val = T.training_mixture(cfg, "val", "mid").counts()
+    assert T.training_mixture(cfg, "val", "sft").counts() == {k: v for k, v in mid_val.items() if not k.startswith("chatterbot")}
     with pytest.raises(ValueError, match="chat_source"): T.training_mixture(dict(cfg, chat_source="cloud"))
     with pytest.raises(KeyError, match="known"): T.eval_task("Jeopardy", cfg)
