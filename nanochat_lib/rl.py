@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from .core import load_profile, print0, run_dir, run_stage, training_process
-from .chat_eval import rank_share
+from .chat_eval import paired_difference, rank_share
 from .engine import Engine
 from .midtrain import make_chat_optimizers, pad_batch
 from .model_io import load_model
@@ -113,19 +113,20 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 @torch.no_grad()
 def evaluate_pass_k(engine, tokenizer, task, n: int, max_tokens: int, temperature: float = 1.0, top_k: int = None,
                     rank: int = 0, world_size: int = 1, seed: int = 10**9) -> dict:
-    "pass@1..n over `task`'s problems (n sampled answers each, seeded by problem), summed over ranks."
+    "pass@1..n over `task`'s problems (n sampled answers each, seeded by problem), summed over ranks; and the right answers per problem."
     dev = engine.device
     sums = torch.zeros(n + 2, dtype=torch.float64, device=dev)          # pass@1..n, problems, ended answers
+    correct = torch.zeros(len(task), dtype=torch.float64, device=dev)   # per problem, to pair before with after
     for i in rank_share(len(task), rank, world_size):
         conv = task[i]
         outs = rollout(engine, tokenizer.render_for_completion(conv), n, max_tokens, temperature, top_k, seed + i)
         c = sum(bool(task.evaluate(conv, tokenizer.decode(o.answer_ids))) for o in outs)
         sums[:n] += torch.tensor([pass_at_k(n, c, k) for k in range(1, n + 1)], dtype=torch.float64, device=dev)
-        sums[n] += 1; sums[n + 1] += sum(o.ended for o in outs)
-    sums = sum_over_ranks(sums).tolist()
+        sums[n] += 1; sums[n + 1] += sum(o.ended for o in outs); correct[i] = c
+    sums, correct = sum_over_ranks(sums).tolist(), sum_over_ranks(correct).tolist()
     problems = int(sums[n])
     return dict(problems=problems, pass_at_k=[s / max(1, problems) for s in sums[:n]],
-                ended=sums[n + 1] / max(1, problems * n))
+                ended=sums[n + 1] / max(1, problems * n), correct=[int(c) for c in correct])
 
 # %% ../notebooks/07_rl.ipynb #516bed32
 RL_PROBLEM_SEED = 1      # SFT's generated word problems use seed 0: RL draws fresh ones from the same training split
@@ -234,10 +235,13 @@ def rl(cfg: dict, rdir, resume=False, stop_at: int = None, train_task=None, held
 
     s = stage.state
     rewards = [r for _, r in s["rewards"]]
+    # pass@1's change paired over the same problems and seeds: each problem's share of right answers, after minus before
+    gain = paired_difference([c / K for c in evals[0]["correct"]], [c / K for c in evals[-1]["correct"]])
     summary = dict(phase=phase, source=src, rl_source=cfg["rl_source"], steps=steps, world_size=W, problems_per_step=P,
                    num_samples=S, samples=s["samples"], sampled_tokens=s["sampled_tokens"], train_problems=len(train_task),
                    eval_task=getattr(heldout, "name", "held out"), eval_problems=evals[-1]["problems"], pass_k=K,
                    pass_at_k_before=evals[0]["pass_at_k"], pass_at_k_after=evals[-1]["pass_at_k"],
+                   pass1_gain=gain["diff"], pass1_gain_low=gain["low"], pass1_gain_high=gain["high"],
                    pass_curve=[(e["step"], e["pass_at_k"]) for e in evals], reward_curve=s["rewards"],
                    reward_first=sum(rewards[:5]) / max(1, len(rewards[:5])),
                    reward_last=sum(rewards[-5:]) / max(1, len(rewards[-5:])), **sampling,
