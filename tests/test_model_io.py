@@ -51,7 +51,7 @@ def test_a_damaged_model_is_a_one_line_error_naming_the_file(run, damage, capsys
     # the CLI prints it as one line and exits non-zero
     with pytest.raises(SystemExit) as e:
         cli.main(["chat", "--run", str(rdir), "-i", "sft", "-p", "hi", "--set", "device=cpu"])
-    assert str(e.value) == f"error: {msg}"
+    assert e.value.code == 2 and capsys.readouterr().err == f"error: {msg}\n"
     # an earlier intact step still loads when asked for
     assert load_model(rdir, "sft", step=0)[2]["step"] == 0
 
