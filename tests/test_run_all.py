@@ -148,14 +148,14 @@ def test_edited_settings_rerun_and_say_what_changed(nbdir, runs_tmp, capsys, mon
     assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
     assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
     assert all("skipped" in l for l in lines(capsys).values())
-    ini.write_text(ini.read_text().replace("[tiny]\n", "[tiny]\nchat_sft_rows = 7\n"))
+    ini.write_text(ini.read_text().replace("[tiny]\n", "[tiny]\nchat_eval_top_k = 7\n"))
     assert exit_code(["--profile", "tiny", "--name", "s"]) == 0
     seen = lines(capsys)
     assert counts(runs_tmp, "s") == {"first": 2, "second": 2, "companion": 2}
-    assert seen["00_first"].endswith("(settings changed (chat_sft_rows 10000 -> 7))")
+    assert seen["00_first"].endswith("(settings changed (chat_eval_top_k 50 -> 7))")
     # the same values reached through --set are the same settings: nothing re-runs
-    ini.write_text(ini.read_text().replace("[tiny]\nchat_sft_rows = 7\n", "[tiny]\n"))
-    assert exit_code(["--profile", "tiny", "--name", "s", "--set", "chat_sft_rows=7"]) == 0
+    ini.write_text(ini.read_text().replace("[tiny]\nchat_eval_top_k = 7\n", "[tiny]\n"))
+    assert exit_code(["--profile", "tiny", "--name", "s", "--set", "chat_eval_top_k=7"]) == 0
     assert counts(runs_tmp, "s") == {"first": 2, "second": 2, "companion": 2}
     state = json.loads((runs_tmp / "s" / "run.json").read_text())
     assert {n["key"] for n in state["notebooks"].values()} and len(state["configs"]) == 1
