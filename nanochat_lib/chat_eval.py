@@ -17,7 +17,8 @@ from .core import dist_setup, dist_teardown, load_profile, parse_overrides, prin
 from .engine import Engine
 from .model_io import load_model
 from .report import record_stage
-from .tasks import EVAL_TASKS, eval_task, extract_answer, letter_token_ids
+from .mixtures import EVAL_TASKS, eval_task
+from .tasks import extract_answer, letter_token_ids
 
 # %% ../notebooks/06b_chat_eval.ipynb #eed02913
 def answer_positions_batch(prompts, pad_id: int, max_len: int = None) -> tuple:

@@ -201,7 +201,7 @@ def make_chat_optimizers(model, cfg: dict, lr_frac: float) -> list:
 
 def chat_data(cfg: dict, stage: str) -> tuple:
     "The (train, val) conversations of chat stage `stage` ('mid' or 'sft'): downloaded or built once, then cached."
-    from nanochat_lib.tasks import training_mixture
+    from nanochat_lib.mixtures import training_mixture
     return training_mixture(cfg, "train", stage), training_mixture(cfg, "val", stage)
 
 # %% ../notebooks/05_midtraining.ipynb #ab88ae6e

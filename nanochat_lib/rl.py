@@ -19,7 +19,9 @@ from .model_io import load_model
 from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
 from .pretrain import train_args
 from .stage import Stage, autocast_context, every, grad_norm, rank0_first, read_jsonl, sum_over_ranks
-from .tasks import WordProblemTask, chat_setting, eval_task, online_task
+from .mixtures import eval_task
+from .task_data import online_task
+from .task_gen import WordProblemTask
 
 # %% ../notebooks/07_rl.ipynb #33138341
 def group_advantages(rewards) -> torch.Tensor:
@@ -135,7 +137,7 @@ def rl_problems(cfg: dict) -> tuple:
     "(training task, held-out task) of the profile's `rl_source`; the held-out one has at most `rl_eval_problems` problems."
     src, n_eval = cfg["rl_source"], int(cfg["rl_eval_problems"])
     if src == "offline":
-        train = WordProblemTask(max(1, chat_setting(cfg, "chat_word_problems")), seed=RL_PROBLEM_SEED, split="train")
+        train = WordProblemTask(max(1, cfg["chat_word_problems"]), seed=RL_PROBLEM_SEED, split="train")
         held = eval_task("WordProblems", cfg)
     elif src == "online":
         train, held = online_task("gsm8k", "train"), eval_task("GSM8K", cfg)

@@ -374,12 +374,9 @@ def visualize(self: Tokenizer, ids, mask=None, fmt: str = "ansi", with_ids: bool
 
 # %% ../notebooks/01_tokenizer.ipynb #3a4a4c20
 REFERENCE_SOURCES = {
-    # name: tiktoken recipe, registry package holding the rank file, its pinned archive, the file inside
-    "gpt2": dict(recipe="r50k_base", package="openai-whisper", version="20250625", sdist=True,
-                 sha256="37a91a3921809d9f44748ffc73c0a55c9f366c85a3ef5c2ae0cc09540432eb96",
-                 member="*/whisper/assets/gpt2.tiktoken"),
-    "cl100k_base": dict(recipe="cl100k_base", package="litellm", version="1.80.0", sdist=False,
-                        sha256="fd0009758f4772257048d74bf79bb64318859adb4ea49a8b66fdbc718cd80b6e",
+    # name: tiktoken recipe, the registry package holding the rank file (a key of fetch.PACKAGES), the file inside
+    "gpt2": dict(recipe="r50k_base", package="openai-whisper", member="*/whisper/assets/gpt2.tiktoken"),
+    "cl100k_base": dict(recipe="cl100k_base", package="litellm",
                         member="litellm/litellm_core_utils/tokenizers/9b5ad71b2ce5302211f9c61530b329a4922fc6a4"),
 }
 
@@ -412,7 +409,7 @@ def reference_ranks_file(name: str) -> Path:
     src = REFERENCE_SOURCES[name]
     path = cache_dir("tokenizers") / f"{name}.tiktoken"
     if path.exists(): return path
-    archive = fetch.pip_fetch(src["package"], src["version"], src["sha256"], sdist=src["sdist"])
+    archive = fetch.fetch_package(src["package"])
     found = list(fetch.archive_members(archive, src["member"]))
     if len(found) != 1:
         raise fetch.FetchError(f"{archive.name} holds {len(found)} files matching {src['member']!r}, expected one")
