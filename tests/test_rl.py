@@ -7,7 +7,7 @@ from nanochat_lib.model import GPTConfig, setup_optimizers
 from nanochat_lib.model_io import load_model
 from nanochat_lib.rl import (Completion, evaluate_pass_k, group_advantages, pass_at_k, pg_loss, rl, rl_rows, rl_update,
                              rollout, token_logprobs)
-from nanochat_lib.tasks import WordProblemTask
+from nanochat_lib.task_gen import WordProblemTask
 from nanochat_lib.tokenizer import Tokenizer
 from chatkit import chat_cfg, make_run, one_thread  # noqa: F401 (one_thread: an autouse fixture)
 

