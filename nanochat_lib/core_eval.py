@@ -16,7 +16,7 @@ __all__ = ['TASK_TYPES', 'DEFAULT_DELIMITER', 'ITEM_FIELDS', 'FEWSHOT_SEED', 'CO
            'attribution_text', 'build_offline_bundle', 'ensure_core_bundle', 'bundle_markdown']
 
 # %% ../notebooks/03c_core_eval.ipynb #981ba8d5
-import contextlib, csv, gzip, json, os, random, re, shutil, tempfile, time, zipfile, zlib
+import contextlib, csv, json, os, random, re, shutil, tempfile, time, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
 import torch

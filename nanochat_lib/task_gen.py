@@ -8,7 +8,6 @@ __all__ = ['MODEL_NAME', 'GeneratedTask', 'IdentityTask', 'word_problem', 'WordP
 
 # %% ../notebooks/04g_task_gen.ipynb #b85a185c
 import random, re
-from typing import Optional
 from .task_data import english_words
 from .tasks import (Task, alternating_conversation, grade_answer, grade_letter, gsm8k_conversation,
                                  is_heldout, mc_conversation)
