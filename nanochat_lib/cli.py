@@ -9,11 +9,11 @@ __all__ = ['TERMINAL_MARKERS', 'HELP', 'for_terminal', 'ChatSession', 'Quit', 'r
 import argparse, sys
 from .core import cli_errors, load_profile, parse_overrides
 from .engine import Engine
-from .server import (ChatRequest, RequestError, ServeLimits, add_model_arguments, completion_events,
-                                 prompt_ids, served_engines)
+from .chat_protocol import (ChatRequest, RequestError, ServeLimits, add_model_arguments, completion_events,
+                                        default_limits, marker_map, prompt_ids, served_engines)
 
 # %% ../notebooks/08c_cli.ipynb #5ce599ec
-TERMINAL_MARKERS = {"<|python_start|>": "[calc ", "<|python_end|>": "", "<|output_start|>": " = ", "<|output_end|>": "]"}
+TERMINAL_MARKERS = marker_map({"python": ("[calc ", ""), "python_output": (" = ", "]")})
 
 def for_terminal(piece: str) -> str:
     "A streamed piece with the tool-call marker tokens shown as [calc EXPR = RESULT]."
@@ -22,10 +22,14 @@ def for_terminal(piece: str) -> str:
 
 class ChatSession:
     "A conversation with an Engine: its history, the sampling settings, and the slash commands."
-    def __init__(self, engine: Engine, temperature: float = 0.8, top_k: int = 50, max_tokens: int = 512,
-                 seed: int = None, max_temperature: float = 2.0):
-        self.engine, self.temperature, self.top_k, self.max_tokens = engine, temperature, top_k, max_tokens
-        self.seed, self.max_temperature, self.messages, self.turns = seed, max_temperature, [], 0
+    def __init__(self, engine: Engine, temperature: float = None, top_k: int = None, max_tokens: int = None,
+                 seed: int = None, max_temperature: float = None, limits: ServeLimits = None):
+        "Settings left as None are `limits`' defaults (default: settings.ini's default profile)."
+        limits = limits or default_limits()
+        pick = lambda v, default: default if v is None else v
+        self.engine, self.temperature = engine, pick(temperature, limits.temperature)
+        self.top_k, self.max_tokens = pick(top_k, limits.top_k), pick(max_tokens, limits.default_max_tokens)
+        self.seed, self.max_temperature, self.messages, self.turns = seed, pick(max_temperature, limits.max_temperature), [], 0
 
     def say(self, text: str, write=lambda s: None) -> str:
         "The assistant's reply to user message `text`, streamed through `write`; both join the history."
@@ -114,7 +118,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     with cli_errors():
         cfg = load_profile(args.profile, parse_overrides(args.sets))
-        phase = args.source or cfg["serve_phase"]
+        phase = args.phase or cfg["serve_phase"]
         limits = ServeLimits.from_cfg(cfg)                      # the serve_* settings, checked
         temperature = limits.temperature if args.temperature is None else args.temperature
         max_t = limits.max_temperature

@@ -16,7 +16,8 @@ import torch
 
 from browserkit import browser_page  # noqa: F401  (a pytest fixture)
 from chatkit import make_run, one_thread  # noqa: F401  (one_thread: an autouse fixture)
-from nanochat_lib.chat_ui import ChatUI, ReplyBuilder, chat_html, load_chat_model
+from nanochat_lib.chat_protocol import ReplyBuilder
+from nanochat_lib.chat_ui import ChatUI, chat_html, load_chat_model
 from nanochat_lib.checkpoint import save_checkpoint
 from nanochat_lib.engine import Engine, ScriptedModel
 from nanochat_lib.model import GPTConfig, build_model

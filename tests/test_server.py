@@ -16,8 +16,9 @@ from browserkit import browser_page  # noqa: F401 (a fixture)
 from chatkit import make_run
 from servekit import EchoModel, expected_reply
 from nanochat_lib.engine import Engine
-from nanochat_lib.server import (RequestError, ServeLimits, ServerThread, assistant_parts_from_text, create_app,
-                                 latest_run, parse_chat_request, prompt_ids, resolve_run, serving_devices)
+from nanochat_lib.chat_protocol import (RequestError, ServeLimits, assistant_parts_from_text, latest_run,
+                                        parse_chat_request, prompt_ids, resolve_run, serving_devices)
+from nanochat_lib.server import ServerThread, create_app
 from nanochat_lib.tokenizer import Tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
