@@ -24,7 +24,8 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 from nanochat_lib.core import (ConfigError, check_device, check_run_name, cli_errors, load_profile,  # noqa: E402
                                parse_overrides, profile_names, run_dir)
-from nanochat_lib.report import atomic_write_json, write_report  # noqa: E402
+from nanochat_lib.fetch import atomic_write_json  # noqa: E402
+from nanochat_lib.report import write_report  # noqa: E402
 
 NOTEBOOKS = ROOT / "notebooks"
 # Course notebooks are NN_name.ipynb or NNx_name.ipynb with NN below 90 (90+ are benchmarks, not stages).

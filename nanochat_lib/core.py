@@ -90,10 +90,16 @@ def profile_names(path=None) -> list:
 # %% ../notebooks/00_core.ipynb #046c995a
 _N_SPECIAL_TOKENS = 9    # the tokenizer's special tokens (tokenizer.SPECIAL_TOKENS; a test keeps the two in step)
 
+# One switch picks every stage's data: `data = offline | online`. Each data source may override it; its
+# default `auto` follows `data`, and load_profile resolves it, so code only ever sees offline or online.
+_DATA = ("offline", "online")
+_DATA_SOURCES = ("corpus", "core_bundle", "chat_source", "rl_source")
+_RENAMED = {("corpus", "fineweb-edu"): "online", ("core_bundle", "real"): "online"}   # the words before the one switch
+
 # The words a setting may take. (compile also takes True and False.)
-_CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), corpus=("offline", "fineweb-edu"), core_bundle=("real", "offline"),
-                chat_source=("offline", "online"), rl_source=("offline", "online"), chat_words=("english-words", "builtin"),
-                serve_phase=("base", "mid", "sft", "rl"), compile=("auto", True, False))
+_CHOICES = dict(device=("auto", "cuda", "mps", "cpu"), data=_DATA, **{k: ("auto", *_DATA) for k in _DATA_SOURCES},
+                chat_words=("english-words", "builtin"), serve_phase=("base", "mid", "sft", "rl"),
+                compile=("auto", True, False))
 _LIST_CHOICES = dict(offline_sources=("wiki", "django", "pydoc"))   # comma-separated, at least one
 
 # Numbers are >= 0 (counts, sizes, rates, and 0 keeps the meaning settings.ini gives it) unless listed here.
@@ -123,6 +129,9 @@ def _coerce(key: str, value, kind: type):
         v = _parse_value(value) if isinstance(value, str) else value
         v = v.lower() if isinstance(v, str) else v
         if not any(type(v) is type(c) and v == c for c in _CHOICES[key]):
+            if isinstance(v, str) and (new := _RENAMED.get((key, v))):
+                raise ConfigError(key, f"{value!r} is now called {new!r}: set {key} = {new} (or data = {new}, "
+                                       "which every data source follows unless set)")
             raise ConfigError(key, f"must be one of {', '.join(map(str, _CHOICES[key]))}; got {value!r}")
         return v
     if kind is str:
@@ -188,6 +197,10 @@ def load_profile(name: str = "tiny", overrides=None, path=None) -> dict:
         if k not in defaults: raise _unknown_key(k, defaults)
     kinds = {k: _kind(v) for k, v in defaults.items()}
     cfg = {k: _coerce(k, v, kinds[k]) for k, v in {**cp[name], **(overrides or {})}.items()}
+    for k in _DATA_SOURCES:                                # `auto` follows the one data switch
+        if cfg.get(k) == "auto":
+            if "data" not in cfg: raise ConfigError(k, "auto follows `data`, which [DEFAULT] lacks; add data = offline or online")
+            cfg[k] = cfg["data"]
     _check_together(cfg)
     cfg["profile"] = name
     return cfg

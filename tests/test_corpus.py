@@ -200,10 +200,10 @@ def test_bad_settings_are_clear_errors(cache, packages):
         ensure_corpus({**CFG, "offline_sources": "wiki,books"})
     with pytest.raises(ValueError, match="offline_sources is empty"):
         ensure_corpus({**CFG, "offline_sources": ""})
-    with pytest.raises(ValueError, match="valid: offline, fineweb-edu"):
+    with pytest.raises(ValueError, match="valid: offline, online"):
         ensure_corpus({**CFG, "corpus": "webtext"})
     with pytest.raises(ValueError, match="between 2"):
-        ensure_corpus({**CFG, "corpus": "fineweb-edu", "fineweb_shards": 1})
+        ensure_corpus({**CFG, "corpus": "online", "fineweb_shards": 1})
 
 
 # ---- reading shards ---------------------------------------------------------------------------------
@@ -330,7 +330,7 @@ def test_fineweb_failures_are_listed_and_the_rest_kept(tmp_path, fineweb):
 def test_fineweb_from_profile_and_env_url(cache, fineweb, monkeypatch):
     srv, routes, shards, blobs = fineweb
     monkeypatch.setenv("NANOCHAT_FINEWEB_URL", srv.base_url + "/")
-    d = ensure_corpus({**CFG, "corpus": "fineweb-edu", "fineweb_shards": 2})
+    d = ensure_corpus({**CFG, "corpus": "online", "fineweb_shards": 2})
     assert d == cache / "corpora" / "fineweb-edu"
     train, val = list_shards(d)
     assert [p.name for p in train] == [shard_name(0)] and val.name == shard_name(1822)

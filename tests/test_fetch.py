@@ -273,7 +273,7 @@ def test_dist_of_names():
     assert dist_of("README") is None
 
 
-# ---- the pinned-package table and the parquet layer (00b section 7) ------------------------------------
+# ---- the pinned-package table and the parquet layer (00b section 8) ------------------------------------
 
 def test_package_table_and_fetch_package(cache, monkeypatch):
     from nanochat_lib import fetch
@@ -324,3 +324,105 @@ def test_http_404_carries_its_status(cache, tmp_path):
         with pytest.raises(FetchError) as e:
             fetch_url(srv.base_url + "/missing.bin", tmp_path / "m.bin", retries=2, backoff=0.01, progress=False)
     assert e.value.status == 404 and len(srv.log) == 1
+
+# ---- atomic files and folders -----------------------------------------------------------------------
+
+class Killed(BaseException):
+    "A kill at some point of a write."
+
+
+def test_atomic_writes_replace_whole_files_and_leave_no_temp_files(tmp_path):
+    p = tmp_path / "sub" / "a.json"
+    assert fetch.atomic_write_json(p, {"x": [1, 2], "where": tmp_path}) == p          # the folder is created
+    assert p.read_text() == '{\n  "x": [\n    1,\n    2\n  ],\n  "where": "%s"\n}\n' % tmp_path
+    assert fetch.atomic_write_text(p, "héllo\n").read_bytes() == "héllo\n".encode()
+    assert fetch.atomic_write_bytes(tmp_path / "b.bin", b"\x00\xff").read_bytes() == b"\x00\xff"
+    assert leftovers(p.parent) == ["a.json"] and leftovers(tmp_path) == ["b.bin", "sub"]
+    umask = os.umask(0); os.umask(umask)
+    assert p.stat().st_mode & 0o777 == 0o666 & ~umask                                     # not mkstemp's 0600
+
+
+def test_a_failed_atomic_write_keeps_the_old_file_and_removes_the_temp_file(tmp_path, monkeypatch):
+    p = fetch.atomic_write_text(tmp_path / "a.txt", "old")
+    for exc in (ValueError("bad"), Killed()):
+        with pytest.raises(type(exc)):
+            with fetch.atomic_writer(p) as f:
+                f.write("new, but only half")
+                raise exc
+        assert p.read_text() == "old" and leftovers(tmp_path) == ["a.txt"]
+    monkeypatch.setattr(os, "replace", lambda a, b: (_ for _ in ()).throw(Killed()))   # killed at the rename
+    with pytest.raises(Killed): fetch.atomic_write_text(p, "new")
+    assert p.read_text() == "old" and leftovers(tmp_path) == ["a.txt"]
+    with pytest.raises(ValueError, match="mode must be 'w' or 'wb'"):
+        with fetch.atomic_writer(p, "a"): pass
+
+
+def test_atomic_writer_syncs_before_the_rename(tmp_path, monkeypatch):
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (calls.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (calls.append("replace"), real_replace(a, b))[1])
+    fetch.atomic_write_bytes(tmp_path / "x", b"1")
+    assert calls == ["fsync", "replace"]
+
+
+def _build(dest, text, fail=False, keep=None):
+    with fetch.publish_dir(dest, keep=keep) as tmp:
+        assert tmp.parent == dest.parent and tmp != dest
+        (tmp / "data.txt").write_text(text)
+        if fail: raise ValueError("disk full")
+        (tmp / "DONE").write_text("")
+
+
+def test_publish_dir_swaps_a_finished_build_in_and_drops_a_failed_one(tmp_path):
+    dest = tmp_path / "shards"
+    _build(dest, "first")
+    umask = os.umask(0); os.umask(umask)
+    assert dest.stat().st_mode & 0o777 == 0o777 & ~umask                                  # not mkdtemp's 0700
+    _build(dest, "second")
+    with pytest.raises(ValueError, match="disk full"): _build(dest, "third", fail=True)
+    assert (dest / "data.txt").read_text() == "second" and leftovers(tmp_path) == ["shards"]
+    _build(dest, "fourth", keep=lambda d: (d / "DONE").exists())                            # a complete dest is kept
+    assert (dest / "data.txt").read_text() == "second" and leftovers(tmp_path) == ["shards"]
+    (dest / "DONE").unlink()
+    _build(dest, "fifth", keep=lambda d: (d / "DONE").exists())                             # an incomplete one replaced
+    assert (dest / "data.txt").read_text() == "fifth" and leftovers(tmp_path) == ["shards"]
+
+
+def test_publish_dir_keeps_a_racing_build_that_lands_first(tmp_path, monkeypatch):
+    dest = tmp_path / "shards"
+    done = lambda d: (d / "DONE").exists()
+    real_replace = os.replace
+    def racing_replace(a, b):       # another process publishes `dest` just before our rename
+        if Path(b) == dest and not dest.exists():
+            other = tmp_path / "other"; other.mkdir(); (other / "DONE").write_text(""); (other / "data.txt").write_text("theirs")
+            real_replace(other, dest)
+        real_replace(a, b)
+    monkeypatch.setattr(os, "replace", racing_replace)
+    _build(dest, "ours", keep=done)
+    assert (dest / "data.txt").read_text() == "theirs" and leftovers(tmp_path) == ["shards"]
+
+
+def test_swap_in_dir_never_leaves_no_complete_copy(tmp_path, monkeypatch):
+    "Kill the swap after each rename in turn: `dest` or `old` always holds a complete folder."
+    real_replace = os.replace
+    for k in range(1, 4):
+        d = tmp_path / f"try{k}"; d.mkdir()
+        dest, old, new = d / "step", d / "step.old", d / "step.tmp"
+        for folder, text in ((dest, "v1"), (new, "v2")):
+            folder.mkdir(); (folder / "f").write_text(text)
+        budget = [k]
+        def replace(a, b):
+            budget[0] -= 1
+            if budget[0] <= 0: raise Killed()
+            real_replace(a, b)
+        monkeypatch.setattr(os, "replace", replace)
+        try: fetch.swap_in_dir(new, dest, old=old); done = True
+        except Killed: done = False
+        monkeypatch.setattr(os, "replace", real_replace)
+        found = [p for p in (dest, old) if (p / "f").exists()]
+        assert found and (found[0] / "f").read_text() in ("v1", "v2"), k
+        if done:
+            assert (dest / "f").read_text() == "v2" and leftovers(d) == ["step"]
+            break
+    assert done

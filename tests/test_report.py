@@ -1,6 +1,7 @@
 import json
 import pytest
-from nanochat_lib.report import atomic_write_json, fmt_value, load_stages, record_stage, render_report, write_report
+from nanochat_lib.fetch import atomic_write_json
+from nanochat_lib.report import fmt_value, load_stages, record_stage, render_report, write_report
 
 
 def test_record_and_render_sections_in_pipeline_order(tmp_path):
