@@ -16,7 +16,7 @@ import torch
 from .core import get_device, load_profile, runs_dir
 from .engine import Engine, StreamDecoder, context_budget
 from .model_io import PHASES, checkpoint_dir, load_model
-from .tokenizer import PART_TYPES
+from .tokenizer import PART_TYPES, out_of_turn
 
 # %% ../notebooks/05c_chat_protocol.ipynb #c0a1b2cd
 TOOL_PARTS = {start: (kind, end) for kind, (start, end, _) in PART_TYPES.items() if start}   # open -> (type, close)
@@ -157,14 +157,11 @@ def parse_chat_request(body, limits: ServeLimits = None) -> ChatRequest:
                            "messages", code="too_many_characters")
     if out[0]["role"] == "system" and len(out) == 1:
         raise RequestError("a system message must be followed by a user message", "messages")
-    expect = "user"
-    for i, m in enumerate(out):
-        if i == 0 and m["role"] == "system": continue
-        if m["role"] != expect:
-            raise RequestError(f"messages[{i}] has role {m['role']!r} where {expect!r} was expected: after an "
-                               "optional first system message, user and assistant messages alternate",
-                               f"messages[{i}].role")
-        expect = "assistant" if expect == "user" else "user"
+    bad = out_of_turn([m["role"] for m in out])      # the tokenizer's rule, in the API's words
+    if bad:
+        i, want = bad
+        raise RequestError(f"messages[{i}] has role {out[i]['role']!r} where {want!r} was expected: after an "
+                           "optional first system message, user and assistant messages alternate", f"messages[{i}].role")
     if out[-1]["role"] != "user": raise RequestError("the last message must be a user message", "messages")
     stream = body.get("stream", False)
     if not isinstance(stream, bool): raise RequestError(f"stream must be true or false, got {short_repr(stream)}", "stream")

@@ -7,9 +7,9 @@ __all__ = ['GPT4_SPLIT_PATTERN', 'SPLIT_PATTERN', 'SPECIAL_TOKENS', 'PART_TYPES'
            'TOKENIZER_FORMAT', 'TOKENIZER_FORMAT_VERSION', 'RANKS_FILE', 'CONFIG_FILE', 'PATTERN_PROBE',
            'PATTERN_TIMEOUT_S', 'count_pairs', 'merge_pair', 'compile_pattern', 'split_chunks', 'count_chunks',
            'best_pair', 'train_bpe_python', 'ranks_from_merges', 'bpe_parts', 'merges_from_ranks', 'rust_bpe',
-           'train_bpe_rust', 'rust_merges', 'check_ranks', 'Tokenizer', 'normalize_messages', 'assistant_parts',
-           'parse_ranks', 'reference_ranks_file', 'reference_encoding', 'count_tokens', 'compression_table',
-           'compression_markdown', 'ranks_text', 'check_pattern']
+           'train_bpe_rust', 'rust_merges', 'check_ranks', 'Tokenizer', 'out_of_turn', 'normalize_messages',
+           'assistant_parts', 'parse_ranks', 'reference_ranks_file', 'reference_encoding', 'count_tokens',
+           'compression_table', 'compression_markdown', 'ranks_text', 'check_pattern']
 
 # %% ../notebooks/01_tokenizer.ipynb #ed3c71da
 import base64, hashlib, html, json, os, threading
@@ -278,6 +278,14 @@ class Tokenizer:
 PART_TYPES = {"text": (None, None, 1), "python": ("<|python_start|>", "<|python_end|>", 1),
               "python_output": ("<|output_start|>", "<|output_end|>", 0)}   # type -> (open, close, mask)
 
+def out_of_turn(roles) -> tuple:
+    "(index, expected role) of the first role out of turn, or None: after an optional first system message, user and assistant alternate."
+    start = 1 if roles and roles[0] == "system" else 0
+    for i in range(start, len(roles)):
+        want = "user" if (i - start) % 2 == 0 else "assistant"
+        if roles[i] != want: return i, want
+    return None
+
 def normalize_messages(conv) -> tuple:
     "(messages, offset): `conv`'s messages checked (user/assistant alternating) with a leading system message merged in."
     msgs = conv.get("messages") if isinstance(conv, dict) else conv
@@ -292,13 +300,14 @@ def normalize_messages(conv) -> tuple:
             raise ValueError("message 0 is a system message, so message 1 must be a user message with text content")
         out[1]["content"] = f"{out[0]['content']}\n\n{out[1]['content']}"
         out, offset = out[1:], 1
+    bad = out_of_turn([m["role"] for m in msgs])
+    if bad:
+        i, want = bad
+        where = " (only the first message may be a system message)" if msgs[i]["role"] == "system" else ""
+        raise ValueError(f"message {i} has role {msgs[i]['role']!r} but {want!r} was expected: "
+                         f"roles must alternate user, assistant, user, ...{where}")
     for j, m in enumerate(out):
-        want = "user" if j % 2 == 0 else "assistant"
-        if m["role"] != want:
-            where = " (only the first message may be a system message)" if m["role"] == "system" else ""
-            raise ValueError(f"message {j + offset} has role {m['role']!r} but {want!r} was expected: "
-                             f"roles must alternate user, assistant, user, ...{where}")
-        if want == "user" and not isinstance(m["content"], str):
+        if m["role"] == "user" and not isinstance(m["content"], str):
             raise ValueError(f"message {j + offset} (user) must have str content, got {type(m['content']).__name__}")
     return out, offset   # offset: how many messages were merged away, so errors can name original indices
 

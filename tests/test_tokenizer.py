@@ -493,3 +493,13 @@ def test_compression_table(tok):
 class _Bytes:
     "An Encoding-like that spends one token per byte."
     def encode_ordinary(self, text): return list(text.encode())
+
+
+def test_out_of_turn_is_the_one_role_rule():
+    "One role-order rule serves the tokenizer and the server: an optional system message, then user/assistant in turn."
+    from nanochat_lib.tokenizer import out_of_turn
+    assert out_of_turn(["user"]) is None and out_of_turn(["system", "user", "assistant", "user"]) is None
+    assert out_of_turn(["assistant"]) == (0, "user")
+    assert out_of_turn(["system", "assistant"]) == (1, "user")
+    assert out_of_turn(["user", "assistant", "assistant"]) == (2, "user")
+    assert out_of_turn(["user", "system"]) == (1, "assistant")
