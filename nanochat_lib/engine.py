@@ -13,7 +13,7 @@ from collections import deque
 from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
-from .core import compute_dtype
+from .core import autocast_context, compute_dtype
 from .model import GPT, GPTConfig, build_model, rms_norm
 from .tools import calculator
 from fastcore.basics import patch
@@ -286,8 +286,7 @@ def _new_cache(self: Engine, batch: int, capacity: int) -> KVCache:
 @patch
 def _forward(self: Engine, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
     "Last-position logits (B, tokenizer vocab) of `idx` (B, T) continuing `cache`."
-    amp = torch.autocast(self.device.type, self.dtype) if self.autocast else contextlib.nullcontext()
-    with amp: logits = self._forward_fn(idx, cache, last_only=True)
+    with autocast_context(self.device) if self.autocast else contextlib.nullcontext(): logits = self._forward_fn(idx, cache, last_only=True)
     return logits[:, -1, :self.vocab_size]
 
 # %% ../notebooks/05b_engine.ipynb #f50fed42
