@@ -10,7 +10,7 @@ __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'ConfigError', 'chec
            'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
-import argparse, ast, configparser, os, subprocess, sys, time, collections
+import argparse, ast, configparser, os, subprocess, sys, collections
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -309,7 +309,7 @@ def dist_setup(device_pref: str = "auto", timeout_minutes: float = 30) -> DistIn
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = get_device(device_pref)
     if device.type == "cuda": torch.cuda.set_device(device)
-    if "RANK" in os.environ and not torch.distributed.is_initialized():
+    if "RANK" in os.environ and not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = dict(device_id=device) if device.type == "cuda" else {}
         # how long a rank waits in a collective (a barrier, an all-reduce) for the others before the job fails

@@ -16,7 +16,7 @@ __all__ = ['TASK_TYPES', 'DEFAULT_DELIMITER', 'ITEM_FIELDS', 'FEWSHOT_SEED', 'SH
            'attribution_text', 'build_offline_bundle', 'ensure_core_bundle', 'bundle_markdown']
 
 # %% ../notebooks/03c_core_eval.ipynb #981ba8d5
-import contextlib, csv, gzip, json, os, random, re, shutil, tempfile, time, zipfile, zlib
+import csv, gzip, json, os, random, re, shutil, tempfile, time, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from filelock import FileLock
-from .core import cache_dir, compute_dtype, print0
+from .core import cache_dir, print0
 from .fetch import FetchError, archive_members, fetch_url, pip_fetch
 
 # %% ../notebooks/03c_core_eval.ipynb #0a7838ee

@@ -7,7 +7,7 @@ __all__ = ['BOS', 'encode_documents', 'DocBuffer', 'best_fit_row', 'pack_best_fi
            'split_paths', 'DataLoader']
 
 # %% ../notebooks/02_data.ipynb #8ca3d5b8
-import bisect, time
+import bisect
 from collections import defaultdict
 from pathlib import Path
 import numpy as np

@@ -8,17 +8,17 @@ __all__ = ['conversation_example', 'shift_targets', 'best_fit_padded_row', 'pack
            'midtrain', 'main']
 
 # %% ../notebooks/05_midtraining.ipynb #3d80a190
-import argparse, contextlib, json, math, sys, time
+import contextlib, math, sys
 from pathlib import Path
 import numpy as np
 import torch
-from .core import autocast_context, load_profile, print0, rank_slice, run_dir, run_stage, sum_over_ranks, training_process
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
 from .dataloader import DocBuffer
 from .loss_eval import chunked_loss
 from .model_io import load_model
 from .optim import lr_multiplier, make_optimizers, muon_momentum
-from .pretrain import train_args, train_step
-from .stage import Prefetcher, Stage, every, maybe_compile, rank0_first, read_jsonl
+from .pretrain import train_step
+from .stage import Prefetcher, Stage, every, maybe_compile, rank0_first
 
 # %% ../notebooks/05_midtraining.ipynb #b32b5f90
 def conversation_example(tokenizer, conversation: dict, max_tokens: int) -> tuple:

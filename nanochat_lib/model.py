@@ -5,7 +5,8 @@
 # %% auto #0
 __all__ = ['GPTConfig', 'rms_norm', 'rope_tables', 'apply_rope', 'sliding_window_mask', 'window_block_mask',
            'CausalSelfAttention', 'MLP', 'Block', 'GPT', 'build_model', 'param_count_formula',
-           'attention_flops_per_token', 'flops_per_token', 'training_plan', 'head_loss']
+           'attention_flops_per_token', 'flops_per_token', 'training_plan', 'head_loss', 'check_sampling',
+           'top_k_top_p', 'sample_next_token']
 
 # %% ../notebooks/03_model.ipynb #4aed3403
 import math
@@ -230,21 +231,16 @@ class GPT(nn.Module):
         return 6 * self.num_params(exclude_embedding=True) + attention_flops_per_token(self.config)
 
     @torch.inference_mode()
-    def generate(self, tokens: list, max_tokens: int, temperature: float = 1.0, top_k: int = None, seed: int = 42):
-        "Yield up to `max_tokens` sampled next tokens after `tokens`, recomputing the whole sequence each step (slow; a reference)."
+    def generate(self, tokens: list, max_tokens: int, temperature: float = 1.0, top_k: int = None, top_p: float = None,
+                 seed: int = 42):
+        "Yield `max_tokens` next tokens after `tokens`, recomputing the whole sequence each step: slow, the reference every faster generator must match."
+        check_sampling(temperature, top_k, top_p)
         device = self.wte.weight.device
-        rng = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device).manual_seed(seed)
         ids = torch.tensor([list(tokens)], dtype=torch.long, device=device)
         for _ in range(max_tokens):
-            logits = self(ids)[:, -1, :]
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            if temperature > 0:
-                nxt = torch.multinomial(F.softmax(logits / temperature, dim=-1), 1, generator=rng)
-            else:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            ids = torch.cat((ids, nxt), dim=1)
+            nxt = sample_next_token(self(ids)[:, -1], generator, temperature, top_k, top_p)
+            ids = torch.cat((ids, nxt[:, None]), dim=1)
             yield nxt.item()
 
 # %% ../notebooks/03_model.ipynb #117c913d
@@ -338,3 +334,38 @@ def head_loss(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, soft
               chunk: int = 512) -> torch.Tensor:
     "Mean cross-entropy of soft-capped logits `x @ weight.T` against `targets` (-1 ignored), fused and chunked."
     return _HeadLoss.apply(x, weight, targets, softcap, chunk)
+
+# %% ../notebooks/03_model.ipynb #d7e3a9c2
+def check_sampling(temperature: float = 1.0, top_k: int = None, top_p: float = None):
+    "Raise a clear ValueError for sampling settings that make no sense."
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < float("inf")):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and not (isinstance(top_k, int) and top_k >= 0):
+        raise ValueError(f"top_k must be None, 0 (both mean off) or a positive int, got {top_k!r}")
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be None (off) or in (0, 1], got {top_p!r}")
+
+def top_k_top_p(logits: torch.Tensor, top_k: int = None, top_p: float = None) -> tuple:
+    "The candidates top-k then top-p keep, best first: (their logits, dropped ones at -inf; their token ids)."
+    k = min(top_k, logits.size(-1)) if top_k else logits.size(-1)
+    vals, ids = torch.topk(logits, k, dim=-1)                       # sorted, best first
+    if top_p is not None and top_p < 1:
+        probs = vals.softmax(-1)
+        better = probs.cumsum(-1) - probs                           # the mass of the candidates ahead of each one
+        drop = better >= top_p                                      # a top_p below float32's tiny would drop all:
+        drop[..., 0] = False                                        # the top candidate always stays
+        vals = vals.masked_fill(drop, float("-inf"))
+    return vals, ids
+
+def sample_next_token(logits: torch.Tensor, generator: torch.Generator = None, temperature: float = 1.0,
+                      top_k: int = None, top_p: float = None) -> torch.Tensor:
+    "Next token ids (B,) for logits (B, vocab): argmax at temperature 0, else one draw from the tempered, filtered softmax."
+    if temperature == 0: return logits.argmax(-1)
+    logits = logits.float()
+    # best = 0, the rest <= 0, over a temperature float32 can hold: a tiny one gives -inf (never drawn), not NaN
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)
+    if not top_k and (top_p is None or top_p >= 1):
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+    vals, ids = top_k_top_p(logits, top_k, top_p)
+    choice = torch.multinomial(vals.softmax(-1), 1, generator=generator)
+    return ids.gather(-1, choice).squeeze(-1)

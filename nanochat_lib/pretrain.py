@@ -8,16 +8,16 @@ __all__ = ['GPU_PEAK_TABLE', 'GPU_PEAK_FLOPS', 'DOWNLOAD_MB', 'CHECKPOINT_BYTES_
            'run_estimate', 'train_step', 'pretrain', 'main', 'train_args']
 
 # %% ../notebooks/04_pretraining.ipynb #91e8bc55
-import argparse, contextlib, json, math, os, re, sys, time, warnings
+import contextlib, re, sys, time, warnings
 from pathlib import Path
 import torch
-from .core import autocast_context, get_device, load_profile, print0, run_dir, run_stage, synchronize, training_process
+from .core import autocast_context, print0, run_stage, synchronize, training_process
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
 from .model import build_model, training_plan
 from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
 from .report import GPU_HOURLY_USD
-from .stage import Prefetcher, Stage, every, grad_norm, maybe_compile, rank0_first, read_jsonl
+from .stage import Prefetcher, Stage, every, grad_norm, maybe_compile, rank0_first
 
 # %% ../notebooks/04_pretraining.ipynb #f5206837
 # Dense peak FLOP/s per GPU in the dtype the trainer computes in (bf16 from Ampere on; fp32 on a V100, which has no
@@ -88,7 +88,7 @@ def peak_flops(device) -> float:
     return device_peak(device)["flops"]
 
 def model_flops_utilization(model_flops_per_sec: float, peak: dict):
-    "MFU: achieved model FLOP/s over the peak; None when the peak is unknown. It never exceeds 1 silently (see below)."
+    "MFU: achieved model FLOP/s over the peak; None when the peak is unknown. It never exceeds 1 silently: a warning says why."
     if not peak.get("flops"): return None
     if model_flops_per_sec > peak["flops"]:
         if peak["measured"]:     # the timing ran under load: what the model achieved is a better lower bound

@@ -7,18 +7,17 @@ __all__ = ['RL_PROBLEM_SEED', 'group_advantages', 'token_logprobs', 'pg_loss', '
            'pass_at_k', 'evaluate_pass_k', 'rl_problems', 'rl_num_steps', 'train_step', 'rl', 'main']
 
 # %% ../notebooks/07_rl.ipynb #6ae37601
-import contextlib, json, math, sys, time
+import contextlib, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import autocast_context, load_profile, print0, rank_slice, run_dir, run_stage, sum_over_ranks, training_process
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
 from .chat_eval import paired_difference
 from .engine import Engine
 from .midtrain import pad_batch
 from .model_io import load_model
 from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import train_args
-from .stage import Stage, every, grad_norm, rank0_first, read_jsonl
+from .stage import Stage, every, grad_norm, rank0_first
 from .tasks import WordProblemTask, chat_setting, eval_task, online_task
 
 # %% ../notebooks/07_rl.ipynb #33138341

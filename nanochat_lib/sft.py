@@ -6,15 +6,14 @@
 __all__ = ['ConversationStream', 'sft_accumulation', 'train_step', 'sft', 'main', 'greedy_replies']
 
 # %% ../notebooks/06_sft.ipynb #d87cb5df
-import contextlib, json, sys, time
+import contextlib, sys
 from pathlib import Path
 import torch
-from .core import autocast_context, load_profile, print0, rank_slice, run_dir, run_stage, sum_over_ranks, training_process
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
 from .midtrain import chat_data, conversation_example, pad_batch, record_val_loss, val_examples
 from .model_io import load_model
 from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import train_args
-from .stage import Stage, every, grad_norm, rank0_first, read_jsonl
+from .stage import Stage, every, grad_norm, rank0_first
 
 # %% ../notebooks/06_sft.ipynb #7287e002
 class ConversationStream:
@@ -101,7 +100,7 @@ def sft(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=None, va
         built = rank0_first(info, lambda: chat_data(cfg, "sft"))        # the notebook fetched it: found in the cache
         train_tasks = built[0] if train_tasks is None else train_tasks
         val_tasks = built[1] if val_tasks is None else val_tasks
-    steps = cfg["sft_num_iterations"] or max(1, int(cfg["sft_epochs"] * len(train_tasks)) // per_step)
+    steps = cfg["sft_num_iterations"] or max(1, int(len(train_tasks) * cfg["sft_epochs"]) // per_step)
     lr_frac = cfg["sft_lr_frac"]
     optimizers = make_optimizers(model, cfg, lr_frac)
     src = dict(phase=source, step=src_meta["step"])
