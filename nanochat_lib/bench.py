@@ -171,17 +171,18 @@ def bench_train(profile: str = "tiny", steps: int = 6, overrides=None, vocab_siz
     "Model FLOP/s of the profile's training step, as the trainer runs it (autocast dtype, compile), vs measured matmul FLOP/s."
     import torch
     from nanochat_lib.core import get_device, load_profile, synchronize
-    from nanochat_lib.model import build_model, setup_optimizers
+    from nanochat_lib.model import build_model
+    from nanochat_lib.optim import make_optimizers
     from nanochat_lib.pretrain import make_plan, matmul_flops
     cfg = load_profile(profile, overrides)
     dev = get_device(cfg["device"])
-    vocab = vocab_size or int(cfg["tok_vocab_size"])
+    vocab = vocab_size or cfg["tok_vocab_size"]
     plan = make_plan(cfg, vocab, world_size=1)
-    B, T, accum = int(cfg["device_batch_size"]), int(cfg["max_seq_len"]), plan["grad_accum_steps"]
+    B, T, accum = cfg["device_batch_size"], cfg["max_seq_len"], plan["grad_accum_steps"]
     dtype, compiled = trainer_mode(cfg, dev)                # what pretrain runs on this device
     torch.manual_seed(0)
     model = build_model(plan["config"], dev)
-    opts = setup_optimizers(model, distributed=False)
+    opts = make_optimizers(model, cfg, distributed=False)
     fmodel = torch.compile(model, dynamic=False) if compiled else model
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (B, T + 1), generator=g).to(dev) for _ in range(accum)]
@@ -276,7 +277,7 @@ def bench_infer(profile: str = "tiny", overrides=None, batch: int = 8, prompt_le
     cfg = load_profile(profile, overrides)
     dev = get_device(cfg["device"])
     dtype = compute_dtype(dev)
-    config = make_plan(cfg, vocab_size or int(cfg["tok_vocab_size"]), world_size=1)["config"]
+    config = make_plan(cfg, vocab_size or cfg["tok_vocab_size"], world_size=1)["config"]
     if prompt_len + new_tokens + 3 > config.sequence_len * 10:
         raise ValueError(f"prompt_len + new_tokens must stay under the rotary tables ({config.sequence_len * 10})")
     torch.manual_seed(0)
@@ -496,7 +497,8 @@ def optimizer_bytes(config, world_size: int = 1) -> dict:
     "Optimizer state held by one rank (the busiest), sharded as DistMuon and DistAdamW shard it; and the step's temporaries."
     import math, torch
     from nanochat_lib.model import GPT
-    with torch.device("meta"): groups = GPT(config).optimizer_groups()
+    from nanochat_lib.optim import param_groups
+    with torch.device("meta"): groups = param_groups(GPT(config), 0.02, 0.2, 0.004, 0.0)   # shapes only: any rates
     W = world_size
     adamw = [p for g in groups["adamw"] for p in g["params"]]
     muon = [p for g in groups["muon"] for p in g["params"]]
@@ -539,12 +541,12 @@ def memory_for_profile(cfg: dict, vocab_size: int = None, world_size: int = None
     "`memory_estimate` for a profile's pretraining: its model, device batch, ranks, accumulation, dtype and compile setting."
     import torch
     from nanochat_lib.pretrain import make_plan
-    world = world_size or int(cfg["nproc_per_node"]) * int(cfg["nnodes"])
-    plan = make_plan(cfg, vocab_size or int(cfg["tok_vocab_size"]), world)
+    world = world_size or cfg["nproc_per_node"] * cfg["nnodes"]
+    plan = make_plan(cfg, vocab_size or cfg["tok_vocab_size"], world)
     gpu = cfg["device"] == "cuda" or (cfg["device"] == "auto" and torch.cuda.is_available())
     dtype = torch.bfloat16 if gpu else torch.float32          # core.compute_dtype on an sm80+ GPU (A100, H100, ...)
     compiled = cfg["compile"] is True or (cfg["compile"] == "auto" and gpu)
-    r = memory_estimate(plan["config"], int(cfg["device_batch_size"]), int(cfg["max_seq_len"]), dtype, compiled,
+    r = memory_estimate(plan["config"], cfg["device_batch_size"], cfg["max_seq_len"], dtype, compiled,
                         world, plan["grad_accum_steps"])
     return dict(r, profile=cfg.get("profile"), gpu=gpu, num_params=plan["num_params"])
 
@@ -592,13 +594,15 @@ def _status_bytes(field: str) -> int:
 def memory_worker(spec: dict) -> dict:
     "Child side of `measure_step_memory`: train a few steps, then measure the peak resident memory of one more."
     import gc, torch
-    from nanochat_lib.model import GPTConfig, build_model, setup_optimizers
+    from nanochat_lib.core import load_profile
+    from nanochat_lib.model import GPTConfig, build_model
+    from nanochat_lib.optim import make_optimizers
     torch.set_num_threads(int(spec.get("threads", 1)))
     config = GPTConfig(**spec["config"])
     B, T, dtype = spec["batch"], spec["seq_len"], getattr(torch, spec["dtype"])
     torch.manual_seed(0)
     model = build_model(config)
-    opts = setup_optimizers(model, distributed=False)
+    opts = make_optimizers(model, load_profile("tiny"), distributed=False)     # any rates: memory does not depend on them
     fmodel = torch.compile(model, dynamic=False) if spec["compiled"] else model
     x = torch.randint(0, config.vocab_size, (B, T + 1), generator=torch.Generator().manual_seed(0))
     idx, tgt = x[:, :-1].contiguous(), x[:, 1:].contiguous()
@@ -694,18 +698,19 @@ def smoke_d20(cfg: dict, steps: int = 10, gpu_memory_gb: float = 80) -> tuple:
     import torch
     from torch._dynamo.utils import counters
     from nanochat_lib.core import compute_dtype, get_device, synchronize
-    from nanochat_lib.model import build_model, setup_optimizers
+    from nanochat_lib.model import build_model
+    from nanochat_lib.optim import make_optimizers
     from nanochat_lib.pretrain import make_plan, peak_flops
     dev = get_device("cuda")
     total = torch.cuda.get_device_properties(dev).total_memory
     cap = min(1.0, (gpu_memory_gb - 1) * GIB / total)        # what a training process gets on an 80 GB card
     torch.cuda.set_per_process_memory_fraction(cap, dev)
-    plan = make_plan(cfg, int(cfg["tok_vocab_size"]), world_size=1)
-    B, T, dtype = int(cfg["device_batch_size"]), int(cfg["max_seq_len"]), compute_dtype(dev)
+    plan = make_plan(cfg, cfg["tok_vocab_size"], world_size=1)
+    B, T, dtype = cfg["device_batch_size"], cfg["max_seq_len"], compute_dtype(dev)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.manual_seed(0)
     model = build_model(plan["config"], dev)
-    opts = setup_optimizers(model, distributed=False)
+    opts = make_optimizers(model, cfg, distributed=False)
     fmodel = torch.compile(model, dynamic=False)
     idx, tgt = (torch.randint(0, plan["config"].vocab_size, (B, T), device=dev) for _ in range(2))
     graphs0 = counters["stats"]["unique_graphs"]
@@ -796,7 +801,9 @@ def smoke_dist(device: str, shards, rdir) -> tuple:
     from nanochat_lib.dataloader import DataLoader
     from nanochat_lib.engine import random_gpt
     from nanochat_lib.loss_eval import evaluate_bpb
-    from nanochat_lib.model import GPTConfig, build_model, setup_optimizers
+    from nanochat_lib.core import load_profile
+    from nanochat_lib.model import GPTConfig, build_model
+    from nanochat_lib.optim import make_optimizers
     from nanochat_lib.tokenizer import Tokenizer
     dev = get_device(device)
     tok = Tokenizer.load(rdir/"tokenizer")
@@ -807,7 +814,7 @@ def smoke_dist(device: str, shards, rdir) -> tuple:
     def evals():
         loader = DataLoader(shards, tok, 4, 64, "val", rank=0, world_size=1, device=dev, tokenizer_threads=1, buffer_docs=50)
         with torch.no_grad():
-            return evaluate_bpb(model, loader, 4, tok.token_bytes.to(dev)), ce.evaluate_task(model, tok, meta, items, dev)
+            return evaluate_bpb(model, loader, 4, tok.token_bytes.to(dev)), ce.evaluate_core_task(model, tok, meta, items, dev)
     alone = evals()
     env = dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     before = {k: os.environ.get(k) for k in env}
@@ -817,7 +824,7 @@ def smoke_dist(device: str, shards, rdir) -> tuple:
         backend = torch.distributed.get_backend()
         together = evals()
         model.train()
-        opts = setup_optimizers(model, distributed=False)
+        opts = make_optimizers(model, load_profile("tiny"), distributed=False)
         x = torch.randint(0, tok.vocab_size, (2, 33), device=dev)
         model(x[:, :-1], x[:, 1:]).backward()
         for o in opts: o.step()
@@ -827,7 +834,7 @@ def smoke_dist(device: str, shards, rdir) -> tuple:
             step_dir = save_checkpoint(Path(tmp), 1, model, opts, meta=dict(smoke=True), rank_state=dict(at=1))
             torch.manual_seed(12345)                              # the load must bring the saved generator back
             copy = build_model(config, dev)
-            copy_opts = setup_optimizers(copy, distributed=False)
+            copy_opts = make_optimizers(copy, load_profile("tiny"), distributed=False)
             _, rank_state = load_checkpoint(step_dir, copy, copy_opts, map_location=dev)
         same_w = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), copy.state_dict().values()))
         flat = lambda opts: [v for o in opts for s in o.state_dict()["state"].values() for v in s.values()
@@ -853,7 +860,7 @@ SMOKE_ROWS = {"a": "tiny pretrain, stop, resume", "b": "profile's model: one com
 
 def gpu_smoke(device: str = "auto", profile: str = "speedrun", overrides=None, only=None, log=print) -> list:
     "Run the smoke checks (every row, or those in `only`); one dict per row: row, check, status (PASS/FAIL/SKIP), detail, seconds."
-    import traceback, torch
+    import traceback
     from nanochat_lib.core import compute_dtype, get_device, load_profile
     from nanochat_lib.engine import cast_for_inference, random_gpt
     from nanochat_lib.model import GPTConfig
@@ -882,7 +889,7 @@ def gpu_smoke(device: str = "auto", profile: str = "speedrun", overrides=None, o
         return d20[key]
     def decode():
         if cuda:      # the profile's model shape, random weights, in the inference dtype
-            config = make_plan(cfg, int(cfg["tok_vocab_size"]), world_size=1)["config"]
+            config = make_plan(cfg, cfg["tok_vocab_size"], world_size=1)["config"]
             model = cast_for_inference(random_gpt(config, seed=0, device=dev), compute_dtype(dev))
         else:
             model = random_gpt(GPTConfig(sequence_len=64, vocab_size=512, n_layer=2, n_head=4, n_kv_head=2, n_embd=64), seed=0)

@@ -4,19 +4,19 @@
 
 # %% auto #0
 __all__ = ['CHANCE_LEVELS', 'CHATCORE_BASELINES', 'WORD_PROBLEMS_LABEL', 'answer_positions_batch', 'choose_letters',
-           'LetterBiasModel', 'sample_completions', 'valid_letter', 'rank_share', 'sum_counts', 'evaluate_task',
-           'wilson_interval', 'fmt_interval', 'paired_difference', 'paired_bootstrap', 'centered', 'chatcore',
-           'summarize', 'chat_eval', 'main', 'solve', 'show_solutions']
+           'LetterBiasModel', 'sample_completions', 'valid_letter', 'sum_counts', 'evaluate_task', 'wilson_interval',
+           'fmt_interval', 'paired_difference', 'paired_bootstrap', 'centered', 'chatcore', 'summarize', 'chat_eval',
+           'main', 'solve', 'show_solutions']
 
 # %% ../notebooks/06b_chat_eval.ipynb #708ec226
 import argparse, math, re, sys, time
 from pathlib import Path
 import torch
-import torch.distributed as dist
-from .core import dist_setup, dist_teardown, load_profile, parse_overrides, print0, run_dir
+from .core import dist_setup, dist_teardown, load_profile, parse_overrides, print0, rank_slice, run_dir, sum_over_ranks
 from .engine import Engine
 from .model_io import load_model
 from .report import record_stage
+from .stage import rank0_first
 from .mixtures import EVAL_TASKS, eval_task
 from .tasks import extract_answer, letter_token_ids
 
@@ -87,30 +87,24 @@ def valid_letter(conversation: dict, completion: str) -> bool:
     return bool(m) and m.group(1) in conversation["letters"]
 
 # %% ../notebooks/06b_chat_eval.ipynb #4c6f0448
-def rank_share(n: int, rank: int, world_size: int) -> range:
-    "The problems of `n` that rank `rank` of `world_size` evaluates: rank, rank+W, ..."
-    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
-    return range(rank, n, world_size)
-
 def sum_counts(counts: dict, device="cpu") -> dict:
     "`counts` (name -> number) summed over all ranks (as they are, outside torchrun)."
     keys = sorted(counts)
-    t = torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=device)
-    if dist.is_available() and dist.is_initialized(): dist.all_reduce(t)
+    t = sum_over_ranks(torch.tensor([float(counts[k]) for k in keys], dtype=torch.float64, device=device))
     return {k: int(round(v)) for k, v in zip(keys, t.tolist())}
 
 # %% ../notebooks/06b_chat_eval.ipynb #ac1955e6
 def _settings(cfg: dict) -> dict:
-    return dict(max_problems=int(cfg["chat_eval_max_problems"]), batch_size=int(cfg["chat_eval_batch_size"]),
-                num_samples=int(cfg["chat_eval_num_samples"]), max_tokens=int(cfg["chat_eval_max_tokens"]),
-                temperature=float(cfg["chat_eval_temperature"]), top_k=int(cfg["chat_eval_top_k"]),
-                letter_checks=int(cfg["chat_eval_letter_checks"]))
+    return dict(max_problems=cfg["chat_eval_max_problems"], batch_size=cfg["chat_eval_batch_size"],
+                num_samples=cfg["chat_eval_num_samples"], max_tokens=cfg["chat_eval_max_tokens"],
+                temperature=cfg["chat_eval_temperature"], top_k=cfg["chat_eval_top_k"],
+                letter_checks=cfg["chat_eval_letter_checks"])
 
 def evaluate_task(task, model, engine, tokenizer, settings: dict, rank: int = 0, world_size: int = 1,
                   device="cpu") -> dict:
     "Counts for one task over all ranks: problems, correct, and for multiple choice the free-sampling format checks."
     n = min(len(task), settings["max_problems"]) if settings["max_problems"] else len(task)
-    mine = rank_share(n, rank, world_size)
+    mine = rank_slice(n, rank, world_size)
     free = dict(max_tokens=settings["max_tokens"], temperature=settings["temperature"], top_k=settings["top_k"])
     if task.eval_type == "categorical":
         convs = [task[i] for i in mine]
@@ -118,7 +112,7 @@ def evaluate_task(task, model, engine, tokenizer, settings: dict, rank: int = 0,
         counts = dict(problems=len(convs), correct=sum(p == c["answer"] for p, c in zip(picked, convs)),
                       checked=0, valid=0, ended=0, free_correct=0)
         n_check = min(n, settings["letter_checks"]) if settings["letter_checks"] else n
-        for i in rank_share(n_check, rank, world_size):
+        for i in rank_slice(n_check, rank, world_size):
             conv = task[i]
             (ids, ended), = sample_completions(engine, tokenizer.render_for_completion(conv), 1,
                                                **{**free, "max_tokens": min(8, free["max_tokens"])}, seed=i)
@@ -237,9 +231,7 @@ def chat_eval(cfg: dict, rdir, phase: str, tasks=EVAL_TASKS, step: int = None, r
     model, tok, meta = load_model(rdir, phase, info.device, step)
     engine = Engine(model, tok)                       # casts the weights to the compute dtype (bf16 on recent GPUs)
     settings, results, t0 = _settings(cfg), {}, time.time()
-    if info.distributed and not info.is_master: dist.barrier()      # rank 0 fetches the data first, then the others
-    built = {name: eval_task(name, cfg) for name in tasks}
-    if info.distributed and info.is_master: dist.barrier()
+    built = rank0_first(info, lambda: {name: eval_task(name, cfg) for name in tasks})   # rank 0 fetches first, then the others
     print0(f"chat eval of {phase} step {meta['step']} on {info.world_size} rank(s): {', '.join(tasks)}")
     for name in tasks:
         t_task = time.time()

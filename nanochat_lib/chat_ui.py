@@ -12,7 +12,7 @@ import ipywidgets as W
 from fastcore.basics import patch
 from .checkpoint import latest_checkpoint
 from .chat_protocol import ReplyBuilder, prompt_ids
-from .engine import Engine, context_budget, random_gpt
+from .engine import context_budget, random_gpt
 from .model import GPTConfig
 from .model_io import load_model
 from .tokenizer import Tokenizer

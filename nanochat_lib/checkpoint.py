@@ -12,6 +12,7 @@ import json, os, re, shutil, sys, time, uuid
 from pathlib import Path
 from typing import Optional
 import torch
+from .core import is_distributed
 from .fetch import atomic_write_json, atomic_write_text, atomic_writer, sha256_file, swap_in_dir
 
 # %% ../notebooks/03d_checkpoint.ipynb #7ee9d193
@@ -50,14 +51,12 @@ def _load(path: Path, map_location):
         why = next((line for line in lines if "GLOBAL" in line), lines[0])
         raise CheckpointError(f"{path} does not load as plain tensors and values: {why}") from e
 
-def _dist() -> bool: return torch.distributed.is_available() and torch.distributed.is_initialized()
-
 def _barrier():
-    if _dist(): torch.distributed.barrier()
+    if is_distributed(): torch.distributed.barrier()
 
 def _gather(obj) -> list:
     "`obj` from every rank, in rank order ([obj] without a process group); also a synchronisation point."
-    if not _dist(): return [obj]
+    if not is_distributed(): return [obj]
     out = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(out, obj)
     return out
@@ -226,7 +225,7 @@ def load_checkpoint(step_dir, model=None, optimizers=(), rank: int = 0, map_loca
         if model is not None: weights = _load(step_dir/"model.pt", map_location)
         if with_rank: state = _load(step_dir/rank_file, "cpu")  # CPU: the RNG states must stay CPU byte tensors
     except (CheckpointError, FileNotFoundError) as e: error = e
-    if optimizers and _dist():  # every rank resumes from the same step, or none does
+    if optimizers and is_distributed():  # every rank resumes from the same step, or none does
         views = _gather((meta.get("step"), None if error is None else str(error)))
         if error is None:
             if bad := [(r, why) for r, (_, why) in enumerate(views) if why]:

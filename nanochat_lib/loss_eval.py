@@ -11,6 +11,7 @@ __all__ = ['LOGITS_BUDGET', 'K_GRID', 'rows_per_pass', 'chunked_loss', 'per_toke
 import itertools, math
 import torch
 import torch.distributed as dist
+from .core import is_distributed, sum_over_ranks
 
 # %% ../notebooks/01b_loss_eval.ipynb #97fa148d
 LOGITS_BUDGET = 2**27      # logits one evaluation pass may hold: 2^27 numbers, 512 MiB in fp32
@@ -42,11 +43,9 @@ def per_token_loss(model, inputs: torch.Tensor, targets: torch.Tensor, max_logit
                          f"have shape {tuple(targets.shape)}: it must give one loss per target")
     return loss.reshape(-1)
 
-def _distributed() -> bool: return dist.is_available() and dist.is_initialized()
-
 def _reduce_device(fallback: torch.device) -> torch.device:
     "Where the sums must live to be all-reduced: the current GPU under NCCL, else where the losses are."
-    if _distributed() and dist.get_backend() == "nccl": return torch.device("cuda", torch.cuda.current_device())
+    if is_distributed() and dist.get_backend() == "nccl": return torch.device("cuda", torch.cuda.current_device())
     return fallback
 
 @torch.no_grad()
@@ -67,8 +66,7 @@ def evaluate_bpb(model, batches, steps, token_bytes: torch.Tensor, max_logits: i
     if nats is None:                                              # no batch here; still join the all-reduce
         dev = _reduce_device(token_bytes.device)
         nats, nbytes = torch.zeros((), dtype=torch.float64, device=dev), torch.zeros((), dtype=torch.int64, device=dev)
-    if _distributed():
-        dist.all_reduce(nats); dist.all_reduce(nbytes)
+    sum_over_ranks(nats); sum_over_ranks(nbytes)
     nbytes = int(nbytes.item())
     return float("inf") if nbytes == 0 else nats.item() / (math.log(2) * nbytes)
 

@@ -4,23 +4,21 @@
 
 # %% auto #0
 __all__ = ['conversation_example', 'shift_targets', 'best_fit_padded_row', 'pack_examples', 'rows_to_batch', 'ChatPacker',
-           'pad_batch', 'chat_val_loss', 'val_examples', 'estimate_epoch_steps', 'make_chat_optimizers', 'chat_data',
+           'pad_batch', 'chat_val_loss', 'val_examples', 'record_val_loss', 'estimate_epoch_steps', 'chat_data',
            'midtrain', 'main']
 
 # %% ../notebooks/05_midtraining.ipynb #3d80a190
-import argparse, contextlib, json, math, sys, time
+import contextlib, math, sys
 from pathlib import Path
 import numpy as np
 import torch
-from .core import load_profile, print0, run_dir, run_stage, training_process
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
 from .dataloader import DocBuffer
 from .loss_eval import chunked_loss
-from .model import setup_optimizers
 from .model_io import load_model
-from .optim import lr_multiplier, muon_momentum
-from .pretrain import train_args, train_step
-from .stage import (Prefetcher, Stage, autocast_context, every, maybe_compile, rank0_first, read_jsonl,
-                                sum_over_ranks)
+from .optim import lr_multiplier, make_optimizers, muon_momentum
+from .pretrain import train_step
+from .stage import Prefetcher, Stage, every, maybe_compile, rank0_first
 
 # %% ../notebooks/05_midtraining.ipynb #b32b5f90
 def conversation_example(tokenizer, conversation: dict, max_tokens: int) -> tuple:
@@ -78,10 +76,9 @@ class ChatPacker:
                  device="cpu"):
         for name, v in dict(B=B, T=T, buffer_size=buffer_size, world_size=world_size).items():
             if int(v) < 1: raise ValueError(f"{name} must be a positive integer, got {v!r}")
-        if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.tasks, self.tokenizer, self.B, self.T = tasks, tokenizer, int(B), int(T)
         self.rank, self.world_size, self.buffer_size = rank, world_size, int(buffer_size)
-        self.positions = range(rank, len(tasks), world_size)
+        self.positions = rank_slice(len(tasks), rank, world_size)
         if not len(self.positions):
             raise ValueError(f"{len(tasks)} conversations cannot feed {world_size} ranks: rank {rank} gets none")
         self.device, self.cursor, self.buffer = torch.device(device), 0, DocBuffer()
@@ -177,7 +174,17 @@ def chat_val_loss(model, examples, batch_size: int, pad_id: int, device="cpu", a
 def val_examples(tasks, tokenizer, max_tokens: int, rank: int = 0, world_size: int = 1, limit: int = 0) -> list:
     "This rank's share (r, r+W, ...) of the first `limit` (0 = all) conversations of `tasks`, rendered."
     n = min(len(tasks), limit) if limit else len(tasks)
-    return [conversation_example(tokenizer, tasks[i], max_tokens) for i in range(rank, n, world_size)]
+    return [conversation_example(tokenizer, tasks[i], max_tokens) for i in rank_slice(n, rank, world_size)]
+
+def record_val_loss(stage, step: int, model, examples, batch_size: int, pad_id: int, device, autocast=None, **fields) -> float:
+    "A chat stage's validation at `step`: `chat_val_loss` in eval mode, kept in `stage.state['val']`, logged with `fields` and printed."
+    model.eval()
+    vl = chat_val_loss(model, examples, batch_size, pad_id, device, autocast)["loss"]
+    model.train()
+    if not stage.state["val"] or stage.state["val"][-1][0] != step: stage.state["val"].append((step, vl))
+    stage.log.write(step=step, val_loss=vl, **fields, elapsed=stage.state["train_seconds"])
+    print0(f"\nstep {step:5d} | val loss {vl:.4f}")
+    return vl
 
 # %% ../notebooks/05_midtraining.ipynb #74bd6e4c
 def estimate_epoch_steps(tasks, tokenizer, row_len: int, rows_per_step: int, sample: int = 2000,
@@ -192,13 +199,6 @@ def estimate_epoch_steps(tasks, tokenizer, row_len: int, rows_per_step: int, sam
     return dict(steps_per_epoch=max(1, steps), rows_per_conversation=rows_per_conversation, padding=padding, sample=n)
 
 # %% ../notebooks/05_midtraining.ipynb #e4544c42
-def make_chat_optimizers(model, cfg: dict, lr_frac: float) -> list:
-    "Fresh Muon + AdamW for a chat stage, at `lr_frac` of the profile's pretraining learning rates."
-    if not lr_frac > 0: raise ValueError(f"the learning-rate fraction must be positive, got {lr_frac}")
-    return setup_optimizers(model, matrix_lr=float(cfg["matrix_lr"]) * lr_frac,
-                            embedding_lr=float(cfg["embedding_lr"]) * lr_frac,
-                            unembedding_lr=float(cfg["unembedding_lr"]) * lr_frac, weight_decay=float(cfg["weight_decay"]))
-
 def chat_data(cfg: dict, stage: str) -> tuple:
     "The (train, val) conversations of chat stage `stage` ('mid' or 'sft'): downloaded or built once, then cached."
     from nanochat_lib.mixtures import training_mixture
@@ -213,10 +213,10 @@ def midtrain(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=Non
     master, dev, W = info.is_master, info.device, info.world_size
     model, tok, src_meta = load_model(rdir, source, dev)
     model.train()
-    B, T = int(cfg["device_batch_size"]), int(cfg["max_seq_len"])
+    B, T = cfg["device_batch_size"], cfg["max_seq_len"]
     if T + 1 > model.rope_len: raise ValueError(f"max_seq_len={T} is beyond the model's rotary tables ({model.rope_len})")
     per_pass = B * T * W
-    total = int(cfg["mid_total_batch_size"]) or int(cfg["total_batch_size"]) or per_pass
+    total = cfg["mid_total_batch_size"] or cfg["total_batch_size"] or per_pass
     if total % per_pass:
         raise ValueError(f"mid-training's batch of {total} tokens (mid_total_batch_size, else total_batch_size) is not a "
                          f"multiple of device_batch_size x max_seq_len x ranks = {per_pass}")
@@ -225,10 +225,10 @@ def midtrain(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=Non
         built = rank0_first(info, lambda: chat_data(cfg, "mid"))        # the notebook fetched it: found in the cache
         train_tasks = built[0] if train_tasks is None else train_tasks
         val_tasks = built[1] if val_tasks is None else val_tasks
-    buffer_size, lr_frac, warmdown = int(cfg["mid_buffer_size"]), float(cfg["mid_lr_frac"]), float(cfg["mid_warmdown_ratio"])
+    buffer_size, lr_frac, warmdown = cfg["mid_buffer_size"], cfg["mid_lr_frac"], cfg["mid_warmdown_ratio"]
     est = estimate_epoch_steps(train_tasks, tok, T + 1, B * W * accum, buffer_size=buffer_size)
-    steps = int(cfg["mid_num_iterations"]) or max(1, round(float(cfg["mid_epochs"]) * est["steps_per_epoch"]))
-    optimizers = make_chat_optimizers(model, cfg, lr_frac)
+    steps = cfg["mid_num_iterations"] or max(1, round(cfg["mid_epochs"] * est["steps_per_epoch"]))
+    optimizers = make_optimizers(model, cfg, lr_frac)
     src = dict(phase=source, step=src_meta["step"])
     stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
                   plan=dict(model_config=vars(model.config), num_iterations=steps, total_batch_size=total, device_batch_size=B,
@@ -239,21 +239,16 @@ def midtrain(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=Non
     packer = ChatPacker(train_tasks, tok, B, T, info.rank, W, buffer_size, dev)
     if extras: packer.load_state_dict(extras["packer"])
     batches = Prefetcher(packer)
-    val = val_examples(val_tasks, tok, T + 1, info.rank, W, int(cfg["chat_val_examples"]))
+    val = val_examples(val_tasks, tok, T + 1, info.rank, W, cfg["chat_val_examples"])
     autocast, fmodel = autocast_context(dev), maybe_compile(model, cfg, dev)
-    eval_every, world_tokens = int(cfg["mid_eval_every"]), B * T * W * accum
+    eval_every, world_tokens = cfg["mid_eval_every"], B * T * W * accum
     print0(f"{phase}: from {source} step {src_meta['step']} | {len(train_tasks):,} train / {len(val_tasks):,} val "
            f"conversations | {steps} steps of {world_tokens:,} tokens (grad accum {accum}, {W} ranks); one epoch is "
            f"about {est['steps_per_epoch']} steps | lr x {lr_frac} | {dev}")
 
     for step in stage:
         if stage.last or step == 0 or every(step, eval_every):
-            model.eval()
-            vl = chat_val_loss(model, val, B, tok.bos_id, dev, autocast)["loss"]
-            model.train()
-            if not stage.state["val"] or stage.state["val"][-1][0] != step: stage.state["val"].append((step, vl))
-            stage.log.write(step=step, val_loss=vl, tokens=stage.state["tokens"], elapsed=stage.state["train_seconds"])
-            print0(f"\nstep {step:5d} | val loss {vl:.4f}")
+            record_val_loss(stage, step, model, val, B, tok.bos_id, dev, autocast, tokens=stage.state["tokens"])
         stage.save_when_due(rank_state=dict(packer=batches.state), val_loss=stage.state["val"][-1][1])
         if stage.stopping: break
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=warmdown, final_lr_frac=0.0)

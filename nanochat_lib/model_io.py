@@ -7,10 +7,9 @@ __all__ = ['PHASES', 'checkpoint_dir', 'config_from_meta', 'load_model']
 
 # %% ../notebooks/04b_model_io.ipynb #5f94b3dc
 from pathlib import Path
-import torch
 from .checkpoint import (CheckpointError, latest_checkpoint, list_checkpoints, load_weights, read_meta,
                                      step_dir_name, step_of)
-from .model import GPT, GPTConfig, build_model
+from .model import GPTConfig, build_model
 
 # %% ../notebooks/04b_model_io.ipynb #f9124764
 PHASES = ("base", "mid", "sft", "rl")

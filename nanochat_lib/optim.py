@@ -4,12 +4,14 @@
 
 # %% auto #0
 __all__ = ['NS_COEFFS', 'ns_polynomial', 'newton_schulz', 'Muon', 'lr_multiplier', 'muon_momentum', 'set_lr_multiplier',
-           'set_muon_momentum', 'DistAdamW', 'DistMuon', 'build_optimizers', 'dist_check', 'dist_check_main']
+           'set_muon_momentum', 'DistAdamW', 'DistMuon', 'param_groups', 'make_optimizers', 'dist_check',
+           'dist_check_main']
 
 # %% ../notebooks/03b_optim.ipynb #989227ab
 import argparse, copy, math, sys
 import torch
 import torch.distributed as dist
+from .core import is_distributed
 
 # %% ../notebooks/03b_optim.ipynb #9a8866f3
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
@@ -136,7 +138,7 @@ def _adamw_update(p, grad, state: dict, group: dict):
     p.addcdiv_(state["exp_avg"], denom, value=-lr / (1 - beta1**t))
 
 def _world() -> tuple:
-    if not (dist.is_available() and dist.is_initialized()):
+    if not is_distributed():
         raise RuntimeError("distributed optimizers need a process group: launch under torchrun (core.torchrun) "
                            "and call core.dist_setup() first, or use the plain optimizers")
     return dist.get_rank(), dist.get_world_size()
@@ -216,15 +218,31 @@ class DistMuon(Muon):
         for work in gathers: work.wait()    # phase 3
 
 # %% ../notebooks/03b_optim.ipynb #422776e9
-def build_optimizers(model, distributed: bool = False, **hparams) -> list:
-    "[AdamW, Muon] for `model` (the sharded versions if `distributed`), from `model.optimizer_groups(**hparams)`."
-    groups = model.optimizer_groups(**hparams)
+def param_groups(model, matrix_lr: float, embedding_lr: float, unembedding_lr: float, weight_decay: float,
+                 adam_betas=(0.8, 0.95), adam_eps: float = 1e-10, muon_momentum: float = 0.95) -> dict:
+    "A GPT's parameter groups: AdamW for wte and lm_head (lr × (width/768)^-0.5), Muon for every block matrix."
+    scale = (model.config.n_embd / 768) ** -0.5
+    adam = dict(betas=tuple(adam_betas), eps=adam_eps, weight_decay=weight_decay)
+    adamw = [dict(name="embedding", params=[model.wte.weight], lr=embedding_lr * scale,
+                  initial_lr=embedding_lr * scale, **adam),
+             dict(name="unembedding", params=[model.lm_head.weight], lr=unembedding_lr * scale,
+                  initial_lr=unembedding_lr * scale, **adam)]
+    muon = [dict(name="matrices", params=list(model.blocks.parameters()), lr=matrix_lr, initial_lr=matrix_lr,
+                 momentum=muon_momentum)]
+    return dict(adamw=adamw, muon=muon)
+
+def make_optimizers(model, cfg: dict, lr_frac: float = 1.0, distributed: bool = None) -> list:
+    "[AdamW, Muon] for `model` at the profile's learning rates × `lr_frac`; `distributed` (default: 2+ ranks run) picks the sharded pair."
+    if not lr_frac > 0: raise ValueError(f"the learning-rate fraction must be positive, got {lr_frac}")
+    groups = param_groups(model, cfg["matrix_lr"] * lr_frac, cfg["embedding_lr"] * lr_frac,
+                          cfg["unembedding_lr"] * lr_frac, cfg["weight_decay"])
     seen = [id(p) for kind in ("adamw", "muon") for g in groups[kind] for p in g["params"]]
     names = {id(p): n for n, p in model.named_parameters()}
     missing = [n for i, n in names.items() if i not in seen]
     twice = {names.get(i, "?") for i in seen if seen.count(i) > 1}
     if missing or twice:
         raise ValueError(f"optimizer groups must hold every parameter once; missing {missing}, repeated {sorted(twice)}")
+    if distributed is None: distributed = is_distributed() and dist.get_world_size() > 1
     if distributed:
         _world()
         return [DistAdamW(groups["adamw"]), DistMuon(groups["muon"])]
@@ -249,9 +267,9 @@ def dist_check(vocab_size: int = 64, steps: int = 3, depth: int = 3, seq_len: in
     torch.manual_seed(0)                                 # identical initial weights on every rank
     model = build_model(config, "cpu")
     ref = copy.deepcopy(model)
-    hp = dict(weight_decay=0.1)                          # exercise AdamW's decoupled decay too
-    sharded = optim.build_optimizers(model, distributed=True, **hp)
-    plain = optim.build_optimizers(ref, distributed=False, **hp)
+    hp = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.1)   # decay: exercise AdamW's too
+    sharded = optim.make_optimizers(model, hp, distributed=True)
+    plain = optim.make_optimizers(ref, hp, distributed=False)
     def batch_of(step, r):
         g = torch.Generator().manual_seed(1000 * step + r)
         x = torch.randint(0, vocab_size, (batch, seq_len + 1), generator=g)

@@ -8,17 +8,16 @@ __all__ = ['GPU_PEAK_TABLE', 'GPU_PEAK_FLOPS', 'DOWNLOAD_MB', 'CHECKPOINT_BYTES_
            'run_estimate', 'train_step', 'pretrain', 'main', 'train_args']
 
 # %% ../notebooks/04_pretraining.ipynb #91e8bc55
-import argparse, contextlib, json, math, os, re, sys, time, warnings
+import contextlib, re, sys, time, warnings
 from pathlib import Path
 import torch
-from .core import get_device, load_profile, print0, run_dir, run_stage, synchronize, training_process
+from .core import autocast_context, print0, run_stage, synchronize, training_process
 from .dataloader import DataLoader
 from .loss_eval import evaluate_bpb
-from .model import build_model, setup_optimizers, training_plan
-from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
+from .model import build_model, training_plan
+from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
 from .report import GPU_HOURLY_USD
-from .stage import (Prefetcher, Stage, autocast_context, every, grad_norm, maybe_compile, rank0_first,
-                                read_jsonl)
+from .stage import Prefetcher, Stage, every, grad_norm, maybe_compile, rank0_first
 
 # %% ../notebooks/04_pretraining.ipynb #f5206837
 # Dense peak FLOP/s per GPU in the dtype the trainer computes in (bf16 from Ampere on; fp32 on a V100, which has no
@@ -48,14 +47,14 @@ def gpu_peak(name: str):
 
 def make_plan(cfg: dict, vocab_size: int, world_size: int = None) -> dict:
     "The training plan (model config, steps, accumulation, FLOPs) for a profile."
-    world = world_size or int(cfg["nproc_per_node"]) * int(cfg["nnodes"])
-    return training_plan(int(cfg["depth"]), vocab_size, int(cfg["max_seq_len"]), world_size=world,
-                         device_batch_size=int(cfg["device_batch_size"]),
-                         total_batch_size=int(cfg["total_batch_size"]) or None,
-                         param_data_ratio=float(cfg["param_data_ratio"]),
-                         num_iterations=int(cfg["num_iterations"]) or None, aspect_ratio=int(cfg["aspect_ratio"]),
-                         head_dim=int(cfg["head_dim"]), n_kv_head=int(cfg["n_kv_head"]) or None,
-                         window=int(cfg["window"]) or None)
+    world = world_size or cfg["nproc_per_node"] * cfg["nnodes"]
+    return training_plan(cfg["depth"], vocab_size, cfg["max_seq_len"], world_size=world,
+                         device_batch_size=cfg["device_batch_size"],
+                         total_batch_size=cfg["total_batch_size"] or None,
+                         param_data_ratio=cfg["param_data_ratio"],
+                         num_iterations=cfg["num_iterations"] or None, aspect_ratio=cfg["aspect_ratio"],
+                         head_dim=cfg["head_dim"], n_kv_head=cfg["n_kv_head"] or None,
+                         window=cfg["window"] or None)
 
 def matmul_flops(device="cpu", n: int = 1024, seconds: float = 1.0, dtype=torch.float32) -> float:
     "Measured FLOP/s of square `n`×`n` matmuls on `device`: the best of repeated 4-matmul bursts over about `seconds`."
@@ -89,7 +88,7 @@ def peak_flops(device) -> float:
     return device_peak(device)["flops"]
 
 def model_flops_utilization(model_flops_per_sec: float, peak: dict):
-    "MFU: achieved model FLOP/s over the peak; None when the peak is unknown. It never exceeds 1 silently (see below)."
+    "MFU: achieved model FLOP/s over the peak; None when the peak is unknown. It never exceeds 1 silently: a warning says why."
     if not peak.get("flops"): return None
     if model_flops_per_sec > peak["flops"]:
         if peak["measured"]:     # the timing ran under load: what the model achieved is a better lower bound
@@ -106,7 +105,7 @@ def model_flops_utilization(model_flops_per_sec: float, peak: dict):
 def estimate_cost(plan: dict, cfg: dict, flops_per_sec_per_device: float, mfu: float = 0.45,
                   hourly_usd_per_device: float = 0.0) -> dict:
     "Estimated wall time and cost of a plan at a given MFU."
-    devices = int(cfg["nproc_per_node"]) * int(cfg["nnodes"])
+    devices = cfg["nproc_per_node"] * cfg["nnodes"]
     seconds = plan["total_flops"] / (flops_per_sec_per_device * mfu * devices)
     return dict(total_flops=plan["total_flops"], hours=seconds / 3600, usd=seconds / 3600 * hourly_usd_per_device * devices)
 
@@ -119,21 +118,21 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 
 def run_estimate(cfg: dict, vocab_size: int = None, flops_per_sec: float = None, mfu: float = None) -> dict:
     "Compute, wall time, cost, disk and download of a profile's run, before running it."
-    vocab = vocab_size or int(cfg["tok_vocab_size"])
+    vocab = vocab_size or cfg["tok_vocab_size"]
     plan = make_plan(cfg, vocab)
-    gpu = str(cfg["device"]).startswith("cuda")
+    gpu = cfg["device"].startswith("cuda")
     if flops_per_sec is None:
         flops_per_sec = GPU_PEAK_FLOPS["H100 SXM"] if gpu else matmul_flops("cpu", seconds=0.3)
     mfu = mfu if mfu is not None else (0.45 if gpu else 0.5)
     est = estimate_cost(plan, cfg, flops_per_sec, mfu=mfu, hourly_usd_per_device=GPU_HOURLY_USD["H100"] if gpu else 0.0)
     online_corpus = cfg["corpus"] != "offline"
-    download = {"corpus": DOWNLOAD_MB["fineweb_shard"] * int(cfg["fineweb_shards"]) if online_corpus else DOWNLOAD_MB["offline_corpus"],
+    download = {"corpus": DOWNLOAD_MB["fineweb_shard"] * cfg["fineweb_shards"] if online_corpus else DOWNLOAD_MB["offline_corpus"],
                 "CORE bundle": DOWNLOAD_MB["eval_bundle"] if cfg["core_bundle"] == "online" else DOWNLOAD_MB["offline_core"],
                 "chat data": DOWNLOAD_MB["online_chat"] if cfg["chat_source"] == "online" else DOWNLOAD_MB["offline_chat"],
                 "tokenizer references": DOWNLOAD_MB["tokenizer_refs"]}
     # base keeps keep_checkpoints; mid, sft and rl keep their final one
-    ckpt_mb = CHECKPOINT_BYTES_PER_PARAM * plan["num_params"] * (int(cfg["keep_checkpoints"]) + 3) / 1e6
-    return dict(plan=plan, devices=int(cfg["nproc_per_node"]) * int(cfg["nnodes"]), flops=plan["total_flops"],
+    ckpt_mb = CHECKPOINT_BYTES_PER_PARAM * plan["num_params"] * (cfg["keep_checkpoints"] + 3) / 1e6
+    return dict(plan=plan, devices=cfg["nproc_per_node"] * cfg["nnodes"], flops=plan["total_flops"],
                 hours=est["hours"], usd=est["usd"], download_mb=download,
                 disk_mb=sum(download.values()) + ckpt_mb, checkpoint_mb=ckpt_mb)
 
@@ -183,27 +182,27 @@ def pretrain(cfg: dict, rdir, resume=False, stop_at: int = None, shard_dir=None,
     tok = Tokenizer.load(rdir/"tokenizer")
     shard_dir = shard_dir or rank0_first(info, lambda: corpus.ensure_corpus(cfg))    # fetched by the notebook
     plan = make_plan(cfg, tok.vocab_size, W)
-    B, T, accum, steps = int(cfg["device_batch_size"]), int(cfg["max_seq_len"]), plan["grad_accum_steps"], plan["num_iterations"]
-    eval_every, core_every, sample_every = (int(cfg[k]) for k in ("eval_every", "core_every", "sample_every"))
+    B, T, accum, steps = cfg["device_batch_size"], cfg["max_seq_len"], plan["grad_accum_steps"], plan["num_iterations"]
+    eval_every, core_every, sample_every = (cfg[k] for k in ("eval_every", "core_every", "sample_every"))
     bundle = rank0_first(info, lambda: ensure_core_bundle(cfg["core_bundle"])) if core_every >= 0 else None
     model = build_model(plan["config"], dev)
-    lrs = {k: float(cfg[k]) for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay")}
-    optimizers = setup_optimizers(model, **lrs)
-    sched = {k: float(cfg[k]) for k in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")}
+    lrs = {k: cfg[k] for k in ("matrix_lr", "embedding_lr", "unembedding_lr", "weight_decay")}
+    optimizers = make_optimizers(model, cfg)
+    sched = {k: cfg[k] for k in ("warmup_ratio", "warmdown_ratio", "final_lr_frac")}
     stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
                   plan=dict(model_config=vars(plan["config"]), num_iterations=steps, total_batch_size=plan["total_batch_size"],
-                            device_batch_size=B, world_size=W, **lrs, **sched, seed=int(cfg["seed"])),
+                            device_batch_size=B, world_size=W, **lrs, **sched, seed=cfg["seed"]),
                   state=dict(tokens=0), meta=dict(vocab_size=tok.vocab_size))
     extras = stage.start()
-    loader_kw = dict(rank=info.rank, world_size=W, device=dev, tokenizer_threads=int(cfg["tokenizer_threads"]),
-                     buffer_docs=int(cfg["loader_buffer_docs"]))
+    loader_kw = dict(rank=info.rank, world_size=W, device=dev, tokenizer_threads=cfg["tokenizer_threads"],
+                     buffer_docs=cfg["loader_buffer_docs"])
     train_loader = DataLoader(shard_dir, tok, B, T, "train", **loader_kw)
     if extras: train_loader.load_state_dict(extras["loader"])
     batches = Prefetcher(train_loader)
     autocast, fmodel = autocast_context(dev), maybe_compile(model, cfg, dev)
     peak, token_bytes = device_peak(dev, seconds=0.5), tok.token_bytes.to(dev)
-    eval_steps = (int(cfg["eval_tokens"]) // (B * T * W)) or None
-    grad_clip = float(cfg["grad_clip"]) if W == 1 else 0.0      # with several ranks the gradients are not complete here
+    eval_steps = (cfg["eval_tokens"] // (B * T * W)) or None
+    grad_clip = cfg["grad_clip"] if W == 1 else 0.0      # with several ranks the gradients are not complete here
     world_tokens, fpt = B * T * W * accum, plan["flops_per_token"]
     print0(f"model: {plan['num_params']:,} params, {fpt:.3e} FLOPs/token | {steps} steps of {world_tokens:,} tokens "
            f"(grad accum {accum}, {W} ranks) | {dev} | peak: {peak['source']}")
@@ -224,7 +223,7 @@ def pretrain(cfg: dict, rdir, resume=False, stop_at: int = None, shard_dir=None,
             print0(f"\nstep {step:5d} | val bpb {results['val_bpb']:.4f}")
         if core_every >= 0 and (stage.last or (step > 0 and every(step, core_every))):
             with evaluating():
-                results["core"] = res = evaluate_core(model, tok, bundle, dev, max_per_task=int(cfg["core_max_per_task"]) or None,
+                results["core"] = res = evaluate_core(model, tok, bundle, dev, max_per_task=cfg["core_max_per_task"] or None,
                                                       verbose=False)
             stage.log.write(step=step, core=res["core"], core_label=core_label(res))
             print0(f"step {step:5d} | {core_label(res)} {res['core']:.4f}")

@@ -7,18 +7,17 @@ __all__ = ['RL_PROBLEM_SEED', 'group_advantages', 'token_logprobs', 'pg_loss', '
            'pass_at_k', 'evaluate_pass_k', 'rl_problems', 'rl_num_steps', 'train_step', 'rl', 'main']
 
 # %% ../notebooks/07_rl.ipynb #6ae37601
-import contextlib, json, math, sys, time
+import contextlib, math, sys, time
 from dataclasses import dataclass
 from pathlib import Path
 import torch
-from .core import load_profile, print0, run_dir, run_stage, training_process
-from .chat_eval import paired_difference, rank_share
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
+from .chat_eval import paired_difference
 from .engine import Engine
-from .midtrain import make_chat_optimizers, pad_batch
+from .midtrain import pad_batch
 from .model_io import load_model
-from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import train_args
-from .stage import Stage, autocast_context, every, grad_norm, rank0_first, read_jsonl, sum_over_ranks
+from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
+from .stage import Stage, every, grad_norm, rank0_first
 from .mixtures import eval_task
 from .task_data import online_task
 from .task_gen import WordProblemTask
@@ -119,7 +118,7 @@ def evaluate_pass_k(engine, tokenizer, task, n: int, max_tokens: int, temperatur
     dev = engine.device
     sums = torch.zeros(n + 2, dtype=torch.float64, device=dev)          # pass@1..n, problems, ended answers
     correct = torch.zeros(len(task), dtype=torch.float64, device=dev)   # per problem, to pair before with after
-    for i in rank_share(len(task), rank, world_size):
+    for i in rank_slice(len(task), rank, world_size):
         conv = task[i]
         outs = rollout(engine, tokenizer.render_for_completion(conv), n, max_tokens, temperature, top_k, seed + i)
         c = sum(bool(task.evaluate(conv, tokenizer.decode(o.answer_ids))) for o in outs)
@@ -135,7 +134,7 @@ RL_PROBLEM_SEED = 1      # SFT's generated word problems use seed 0: RL draws fr
 
 def rl_problems(cfg: dict) -> tuple:
     "(training task, held-out task) of the profile's `rl_source`; the held-out one has at most `rl_eval_problems` problems."
-    src, n_eval = cfg["rl_source"], int(cfg["rl_eval_problems"])
+    src, n_eval = cfg["rl_source"], cfg["rl_eval_problems"]
     if src == "offline":
         train = WordProblemTask(max(1, cfg["chat_word_problems"]), seed=RL_PROBLEM_SEED, split="train")
         held = eval_task("WordProblems", cfg)
@@ -146,15 +145,15 @@ def rl_problems(cfg: dict) -> tuple:
 
 def rl_num_steps(cfg: dict, n_train: int) -> int:
     "`rl_num_steps`, or one pass over the training problems when it is 0."
-    P = int(cfg["rl_problems_per_step"])
-    return int(cfg["rl_num_steps"]) or max(1, n_train // P)
+    P = cfg["rl_problems_per_step"]
+    return cfg["rl_num_steps"] or max(1, n_train // P)
 
 # %% ../notebooks/07_rl.ipynb #8e30afa1
 def train_step(model, engine, optimizers, task, tokenizer, step: int, problems_per_step: int, num_samples: int,
                lr_mult: float, momentum: float, seed: int = 0, rank: int = 0, world_size: int = 1,
                device_batch_size: int = 0, autocast=None, **sampling) -> dict:
     "One RL step: this rank's share (r, r+W, ...) of the step's `problems_per_step` problems of `task`, `num_samples` answers each, graded, one `rl_update`. Returns the step's numbers summed over ranks, and this rank's `rollout` (rl_update's result)."
-    mine = [step * problems_per_step + j for j in rank_share(problems_per_step, rank, world_size)]
+    mine = [step * problems_per_step + j for j in rank_slice(problems_per_step, rank, world_size)]
     convs = [task[g % len(task)] for g in mine]
     score = getattr(task, "reward", None) or (lambda conv, text: float(task.evaluate(conv, text)))
     set_lr_multiplier(optimizers, lr_mult)
@@ -183,19 +182,19 @@ def rl(cfg: dict, rdir, resume=False, stop_at: int = None, train_task=None, held
         built = rank0_first(info, lambda: rl_problems(cfg))            # the notebook fetched them: found in the cache
         train_task = built[0] if train_task is None else train_task
         heldout = built[1] if heldout is None else heldout
-    P, S = int(cfg["rl_problems_per_step"]), int(cfg["rl_num_samples"])
+    P, S = cfg["rl_problems_per_step"], cfg["rl_num_samples"]
     if P < W: raise ValueError(f"rl_problems_per_step={P} leaves ranks without problems on {W} ranks; use at least {W}")
     steps = rl_num_steps(cfg, len(train_task))
-    sampling = dict(max_tokens=int(cfg["rl_max_new_tokens"]), temperature=float(cfg["rl_temperature"]),
-                    top_k=int(cfg["rl_top_k"]) or None)
-    K, eval_every, lr_frac = int(cfg["rl_pass_k"]), int(cfg["rl_eval_every"]), float(cfg["rl_lr_frac"])
-    optimizers = make_chat_optimizers(model, cfg, lr_frac)
+    sampling = dict(max_tokens=cfg["rl_max_new_tokens"], temperature=cfg["rl_temperature"],
+                    top_k=cfg["rl_top_k"] or None)
+    K, eval_every, lr_frac = cfg["rl_pass_k"], cfg["rl_eval_every"], cfg["rl_lr_frac"]
+    optimizers = make_optimizers(model, cfg, lr_frac)
     src = dict(phase=source, step=src_meta["step"])
     stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
-                  save_every=int(cfg["rl_save_every"]), warmup_steps=0,
+                  save_every=cfg["rl_save_every"], warmup_steps=0,
                   plan=dict(model_config=vars(model.config), num_iterations=steps, problems_per_step=P, num_samples=S,
                             world_size=W, lr_frac=lr_frac, source=src, rl_source=cfg["rl_source"],
-                            train_problems=len(train_task), seed=int(cfg["seed"]), **sampling),
+                            train_problems=len(train_task), seed=cfg["seed"], **sampling),
                   state=dict(eval_seconds=0.0, samples=0, sampled_tokens=0, evals=[], rewards=[]),
                   meta=dict(vocab_size=tok.vocab_size, rl_source=cfg["rl_source"], source=src))
     stage.start()
@@ -226,7 +225,7 @@ def rl(cfg: dict, rdir, resume=False, stop_at: int = None, train_task=None, held
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)   # 1 -> 0, linearly
         with stage.timing():
             out = train_step(model, engine, optimizers, train_task, tok, step, P, S, lrm, muon_momentum(step),
-                             seed=int(cfg["seed"]), rank=rank, world_size=W, device_batch_size=int(cfg["rl_device_batch_size"]),
+                             seed=cfg["seed"], rank=rank, world_size=W, device_batch_size=cfg["rl_device_batch_size"],
                              autocast=autocast, **sampling)
         stage.state["samples"] += out["samples"]; stage.state["sampled_tokens"] += out["sampled_tokens"]
         stage.state["rewards"].append((step + 1, out["reward"]))

@@ -6,24 +6,22 @@
 __all__ = ['ConversationStream', 'sft_accumulation', 'train_step', 'sft', 'main', 'greedy_replies']
 
 # %% ../notebooks/06_sft.ipynb #d87cb5df
-import contextlib, json, sys, time
+import contextlib, sys
 from pathlib import Path
 import torch
-from .core import load_profile, print0, run_dir, run_stage, training_process
-from .midtrain import chat_data, chat_val_loss, conversation_example, make_chat_optimizers, pad_batch, val_examples
+from .core import autocast_context, print0, rank_slice, run_stage, sum_over_ranks, training_process
+from .midtrain import chat_data, conversation_example, pad_batch, record_val_loss, val_examples
 from .model_io import load_model
-from .optim import lr_multiplier, muon_momentum, set_lr_multiplier, set_muon_momentum
-from .pretrain import train_args
-from .stage import Stage, autocast_context, every, grad_norm, rank0_first, read_jsonl, sum_over_ranks
+from .optim import lr_multiplier, make_optimizers, muon_momentum, set_lr_multiplier, set_muon_momentum
+from .stage import Stage, every, grad_norm, rank0_first
 
 # %% ../notebooks/06_sft.ipynb #7287e002
 class ConversationStream:
     "This rank's conversations of `tasks` (r, r+W, ...), rendered and cropped to `max_tokens`, `n` at a time, epoch after epoch."
     def __init__(self, tasks, tokenizer, max_tokens: int, rank: int = 0, world_size: int = 1):
-        if not 0 <= rank < world_size: raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         self.tasks, self.tokenizer, self.max_tokens = tasks, tokenizer, int(max_tokens)
         self.rank, self.world_size = rank, world_size
-        self.positions = range(rank, len(tasks), world_size)
+        self.positions = rank_slice(len(tasks), rank, world_size)
         if not len(self.positions):
             raise ValueError(f"{len(tasks)} conversations cannot feed {world_size} ranks: rank {rank} gets none")
         self.cursor = 0
@@ -96,15 +94,15 @@ def sft(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=None, va
     master, dev, W = info.is_master, info.device, info.world_size
     model, tok, src_meta = load_model(rdir, source, dev)
     model.train()
-    T, Bc, per_step = int(cfg["max_seq_len"]), int(cfg["sft_device_batch_size"]), int(cfg["sft_examples_per_step"])
+    T, Bc, per_step = cfg["max_seq_len"], cfg["sft_device_batch_size"], cfg["sft_examples_per_step"]
     accum = sft_accumulation(per_step, Bc, W)
     if train_tasks is None or val_tasks is None:
         built = rank0_first(info, lambda: chat_data(cfg, "sft"))        # the notebook fetched it: found in the cache
         train_tasks = built[0] if train_tasks is None else train_tasks
         val_tasks = built[1] if val_tasks is None else val_tasks
-    steps = int(cfg["sft_num_iterations"]) or max(1, int(float(cfg["sft_epochs"]) * len(train_tasks)) // per_step)
-    lr_frac = float(cfg["sft_lr_frac"])
-    optimizers = make_chat_optimizers(model, cfg, lr_frac)
+    steps = cfg["sft_num_iterations"] or max(1, int(len(train_tasks) * cfg["sft_epochs"]) // per_step)
+    lr_frac = cfg["sft_lr_frac"]
+    optimizers = make_optimizers(model, cfg, lr_frac)
     src = dict(phase=source, step=src_meta["step"])
     stage = Stage(cfg, rdir, phase, info, model, optimizers, steps=steps, resume=resume, stop_at=stop_at,
                   plan=dict(model_config=vars(model.config), num_iterations=steps, examples_per_step=per_step,
@@ -114,20 +112,15 @@ def sft(cfg: dict, rdir, resume=False, stop_at: int = None, train_tasks=None, va
     extras = stage.start()
     stream = ConversationStream(train_tasks, tok, T + 1, info.rank, W)
     if extras: stream.load_state_dict(extras["stream"])
-    val = val_examples(val_tasks, tok, T + 1, info.rank, W, int(cfg["chat_val_examples"]))
-    autocast, eval_every = autocast_context(dev), int(cfg["sft_eval_every"])
+    val = val_examples(val_tasks, tok, T + 1, info.rank, W, cfg["chat_val_examples"])
+    autocast, eval_every = autocast_context(dev), cfg["sft_eval_every"]
     print0(f"{phase}: from {source} step {src_meta['step']} | {len(train_tasks):,} train / {len(val_tasks):,} val "
            f"conversations | {steps} steps of {per_step} conversations ({accum} passes of {Bc} on each of {W} ranks) | "
            f"lr x {lr_frac} decaying to 0 | {dev}")
 
     for step in stage:
         if stage.last or step == 0 or every(step, eval_every):
-            model.eval()
-            vl = chat_val_loss(model, val, Bc, tok.bos_id, dev, autocast)["loss"]
-            model.train()
-            if not stage.state["val"] or stage.state["val"][-1][0] != step: stage.state["val"].append((step, vl))
-            stage.log.write(step=step, val_loss=vl, elapsed=stage.state["train_seconds"])
-            print0(f"\nstep {step:5d} | val loss {vl:.4f}")
+            record_val_loss(stage, step, model, val, Bc, tok.bos_id, dev, autocast)
         stage.save_when_due(rank_state=dict(stream=stream.state_dict()), val_loss=stage.state["val"][-1][1])
         if stage.stopping: break
         lrm = lr_multiplier(step, steps, warmup_ratio=0.0, warmdown_ratio=1.0, final_lr_frac=0.0)   # 1 -> 0, linearly
@@ -174,7 +167,7 @@ def greedy_replies(engine, prompts, max_tokens: int) -> list:
     cache = engine._new_cache(B, P + max_tokens)
     rows, out = [RowState() for _ in prompts], [[] for _ in prompts]
     end = engine.tokenizer.encode_special("<|assistant_end|>")
-    amp = torch.autocast(dev.type, engine.dtype) if engine.autocast else contextlib.nullcontext()
+    amp = autocast_context(dev) if engine.autocast else contextlib.nullcontext()
     for _ in range(max_tokens):
         T, pos = idx.size(1), cache.pos
         q, k = torch.arange(pos, pos + T, device=dev)[:, None], torch.arange(pos + T, device=dev)[None, :]

@@ -4,17 +4,16 @@
 
 # %% auto #0
 __all__ = ['RESUME_MODES', 'read_jsonl', 'StageLog', 'resume_mode', 'plan_differences', 'resume_point', 'every', 'Prefetcher',
-           'grad_norm', 'group_names', 'snapshot', 'update_norms', 'Stage', 'rank0_first', 'sum_over_ranks',
-           'autocast_context', 'maybe_compile']
+           'grad_norm', 'group_names', 'snapshot', 'update_norms', 'Stage', 'rank0_first', 'maybe_compile']
 
 # %% ../notebooks/03e_stage.ipynb #454108db
 import json, time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 import torch
-from .core import compute_dtype, dist_teardown, print0, progress_bar, synchronize
+from .core import dist_teardown, print0, progress_bar, synchronize
 from .checkpoint import latest_checkpoint, load_checkpoint, read_meta, save_checkpoint
-from .report import atomic_write_json, atomic_write_text
+from .fetch import atomic_write_json, atomic_write_text
 from .tracker import NullTracker, make_tracker
 
 # %% ../notebooks/03e_stage.ipynb #e924bf98
@@ -158,8 +157,8 @@ class Stage:
         self.cfg, self.rdir, self.phase, self.info = cfg, Path(rdir), phase, info
         self.model, self.optimizers, self.plan, self.steps = model, list(optimizers), plan, int(steps)
         self.mode, self.stop_at = resume_mode(resume), stop_at
-        self.save_every = int(cfg["save_every"] if save_every is None else save_every)
-        self.save_minutes, self.keep_last = float(cfg["save_every_minutes"]), int(cfg["keep_checkpoints"])
+        self.save_every = cfg["save_every"] if save_every is None else save_every
+        self.save_minutes, self.keep_last = cfg["save_every_minutes"], cfg["keep_checkpoints"]
         self.meta, self.warmup_steps = dict(meta or {}), int(warmup_steps)
         self.ckpt_dir = self.rdir/"checkpoints"/phase
         self.state = dict(train_seconds=0.0, timed_steps=0, ema=0.0, **(state or {}))   # saved with every checkpoint, restored on resume
@@ -265,17 +264,6 @@ def rank0_first(info, fn):
     out = fn()
     if info.distributed and info.is_master: torch.distributed.barrier()
     return out
-
-def sum_over_ranks(t: torch.Tensor) -> torch.Tensor:
-    "`t` summed over all ranks, in place (unchanged in a world of one)."
-    if torch.distributed.is_available() and torch.distributed.is_initialized(): torch.distributed.all_reduce(t)
-    return t
-
-def autocast_context(device):
-    "bf16 autocast where the device computes in bf16 (`compute_dtype`), else a context that does nothing."
-    device = torch.device(device)
-    dtype = compute_dtype(device)
-    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
 
 def maybe_compile(model, cfg: dict, device):
     "`model` torch.compile'd when the `compile` setting says so (`auto`: on CUDA), else the model itself."

@@ -2,8 +2,9 @@
 import json
 import pytest, torch
 from nanochat_lib.chat_eval import (CHATCORE_BASELINES, WORD_PROBLEMS_LABEL, LetterBiasModel, answer_positions_batch,
-                                    chat_eval, chatcore, choose_letters, evaluate_task, rank_share, sample_completions,
+                                    chat_eval, chatcore, choose_letters, evaluate_task, sample_completions,
                                     summarize, valid_letter)
+from nanochat_lib.core import rank_slice
 from nanochat_lib.engine import Engine, ScriptedModel
 from nanochat_lib.model_io import checkpoint_dir, load_model
 from nanochat_lib.task_gen import WordProblemTask
@@ -86,10 +87,10 @@ def test_generative_tasks_are_graded_on_the_answer(run):
 def test_rank_shares_cover_each_problem_once():
     for n in range(0, 40, 7):
         for world in (1, 2, 3, 8):
-            shares = [list(rank_share(n, r, world)) for r in range(world)]
+            shares = [list(rank_slice(n, r, world)) for r in range(world)]
             assert sorted(i for s in shares for i in s) == list(range(n))
     with pytest.raises(ValueError):
-        rank_share(5, 3, 3)
+        rank_slice(5, 3, 3)
 
 
 def test_chatcore_arithmetic():

@@ -7,6 +7,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from httpfixture import FixtureServer
 from nanochat_lib import core_eval as ce
+from nanochat_lib.core import rank_slice
 from nanochat_lib.fetch import FetchError
 from nanochat_lib.tokenizer import Tokenizer
 
@@ -156,23 +157,23 @@ def test_prompts_contain_shots_and_not_the_item_answer_twice(tok):
 def test_cheating_model_scores_one_and_liar_zero(tok, task_type):
     meta, data = TASKS[task_type]
     cheater = Memorizer(answers(tok, meta, data, lambda ex: ex.gold), tok.vocab_size)
-    assert ce.evaluate_task(cheater, tok, meta, data, "cpu") == 1.0
+    assert ce.evaluate_core_task(cheater, tok, meta, data, "cpu") == 1.0
     liar = Memorizer(liar_answers(tok, meta, data), tok.vocab_size)
-    assert ce.evaluate_task(liar, tok, meta, data, "cpu") == 0.0
+    assert ce.evaluate_core_task(liar, tok, meta, data, "cpu") == 0.0
 
 
 def test_favoured_token_decides_multiple_choice(tok):
     meta = ce.task_meta("letters", "multiple_choice", 0, " ", 100 / 3)
     rows = [["aaaa", "bbbb", "cccc"], ["cccc", "aaaa", "bbbb"], ["bbbb", "cccc", "aaaa"], ["aaaa", "cccc", "bbbb"]]
     data = [dict(query=f"Item {i}: pick a letter", choices=c, gold=c.index("aaaa")) for i, c in enumerate(rows)]
-    assert ce.evaluate_task(Favour(ord("a"), tok.vocab_size), tok, meta, data, "cpu") == 1.0
-    assert ce.evaluate_task(Favour(ord("b"), tok.vocab_size), tok, meta, data, "cpu") == 0.0
+    assert ce.evaluate_core_task(Favour(ord("a"), tok.vocab_size), tok, meta, data, "cpu") == 1.0
+    assert ce.evaluate_core_task(Favour(ord("b"), tok.vocab_size), tok, meta, data, "cpu") == 0.0
 
 
 def test_language_modelling_needs_every_token(tok):
     # remembers each continuation but its last character wrong: greedy decoding is never exactly right
     almost = [(row[:-1] + [ord("#")], start) for row, start in answers(tok, LM_META, LM, lambda ex: 0)]
-    assert ce.evaluate_task(Memorizer(almost, tok.vocab_size), tok, LM_META, LM, "cpu") == 0.0
+    assert ce.evaluate_core_task(Memorizer(almost, tok.vocab_size), tok, LM_META, LM, "cpu") == 0.0
 
 
 def test_evaluate_core_arithmetic(tok, tmp_path):
@@ -234,7 +235,7 @@ def test_long_prompts_are_cut_from_the_left(tok, task_type):
     # the evaluator reads the limit off the model and still finds every answer
     cheater = Memorizer(answers(tok, meta, data, lambda ex: ex.gold, limit), tok.vocab_size, max_seq_len=limit)
     assert ce.model_max_len(cheater) == limit
-    assert ce.evaluate_task(cheater, tok, meta, data, "cpu") == 1.0
+    assert ce.evaluate_core_task(cheater, tok, meta, data, "cpu") == 1.0
     assert max(cheater.lengths) <= limit
 
 
@@ -250,7 +251,7 @@ def test_model_max_len_reads_config():
 
 def test_bad_model_output_is_explained(tok):
     with pytest.raises(ValueError, match=r"\(B, T, vocab\)"):
-        ce.evaluate_task(lambda ids: ids.float().sum(), tok, MC_META, MC, "cpu")
+        ce.evaluate_core_task(lambda ids: ids.float().sum(), tok, MC_META, MC, "cpu")
 
 
 # ---- splitting across ranks ------------------------------------------------------------------
@@ -258,18 +259,18 @@ def test_bad_model_output_is_explained(tok):
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_rank_split_covers_every_item_once(tok, world, monkeypatch):
     for n in (0, 1, 2, 7, 10):
-        seen = sorted(i for r in range(world) for i in ce.rank_indices(n, r, world))
+        seen = sorted(i for r in range(world) for i in rank_slice(n, r, world))
         assert seen == list(range(n))
     meta, data = TASKS["multiple_choice"]
     model = Favour(ord("t"), tok.vocab_size)
     full = ce.task_counts(model, tok, meta, data, "cpu", range(len(data)))
-    parts = [ce.task_counts(model, tok, meta, data, "cpu", ce.rank_indices(len(data), r, world)) for r in range(world)]
+    parts = [ce.task_counts(model, tok, meta, data, "cpu", rank_slice(len(data), r, world)) for r in range(world)]
     assert tuple(map(sum, zip(*parts))) == full
     calls = []
     real = ce.evaluate_example
     monkeypatch.setattr(ce, "evaluate_example", lambda *a, **k: calls.append(a[4]) or real(*a, **k))
     for r in range(world):                      # each rank evaluates exactly its share of the first 6
-        ce.task_counts(model, tok, meta, data, "cpu", ce.rank_indices(6, r, world))
+        ce.task_counts(model, tok, meta, data, "cpu", rank_slice(6, r, world))
     assert sorted(calls) == list(range(6))
 
 
@@ -285,7 +286,7 @@ def _rank_main(rank, world, port, out_dir):
     tok = Tokenizer({bytes([i]): i for i in range(256)})
     meta = ce.task_meta("letters", "multiple_choice", 0, " ", 50.0)
     data = [dict(query=f"Item {i}:", choices=["aa", "bb"], gold=0 if i < 3 else 1) for i in range(7)]
-    acc = ce.evaluate_task(Favour(ord("a"), tok.vocab_size), tok, meta, data, "cpu")
+    acc = ce.evaluate_core_task(Favour(ord("a"), tok.vocab_size), tok, meta, data, "cpu")
     Path(out_dir, f"rank{rank}.txt").write_text(repr(acc))
     dist.destroy_process_group()
 

@@ -6,7 +6,8 @@ import pytest, torch
 from nanochat_lib.corpus import write_shard
 from nanochat_lib.tokenizer import Tokenizer
 from nanochat_lib.dataloader import (DataLoader, DocBuffer, DocStream, best_fit_row, encode_documents, pack_best_fit,
-                                     pack_concat, pack_in_order, rank_documents, split_paths)
+                                     pack_concat, pack_in_order, split_paths)
+from nanochat_lib.core import rank_slice
 
 WORDS = "the a cat dog sat ran on under mat log quickly slowly red blue big small and then it was".split()
 
@@ -193,7 +194,7 @@ def test_resume_rejects_other_settings(shards, tok):
 
 def test_doc_stream_rule_and_position(shards):
     paths, _ = shards
-    assert list(rank_documents(10, 1, 3)) == [1, 4, 7]
+    assert list(rank_slice(10, 1, 3)) == [1, 4, 7]
     s = DocStream(paths, rank=2, world_size=3, epochs=1)
     coords, texts = s.read(7)
     assert [c[2] % 3 for c in coords] == [2] * 7 and coords[:2] == [(0, 0, 2), (0, 0, 5)]

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 from nanochat_lib.engine import (Engine, KVCache, RowState, ScriptedModel, StreamDecoder, cache_attention_mask,
-                                 cast_for_inference, check_sampling, forward_cached, naive_generate, random_gpt,
-                                 row_seeds, sample_next_token, stream_decode, top_k_top_p)
-from nanochat_lib.model import GPTConfig
+                                 cast_for_inference, forward_cached, random_gpt,
+                                 row_seeds, stream_decode)
+from nanochat_lib.model import GPTConfig, check_sampling, sample_next_token, top_k_top_p
 from nanochat_lib.tokenizer import Tokenizer
 
 TOK = Tokenizer.from_merges([])            # 256 byte tokens + the special tokens: every character is split into bytes
@@ -144,7 +144,7 @@ def greedy_rows(engine, prompt, n, max_tokens, **kw):
 def test_greedy_engine_equals_full_recompute(shape):
     m = tiny_model(shape, seed=3)
     prompt = prompt_ids(7, seed=3)
-    want = naive_generate(m, prompt, 40)
+    want = list(m.generate(prompt, 40, temperature=0))
     rows = greedy_rows(Engine(m, TOK, tool=None), prompt, 2, 40)
     assert rows == [want, want]
 
@@ -157,7 +157,7 @@ def test_generation_longer_than_the_preallocated_cache():
     new_cache = engine._new_cache
     engine._new_cache = lambda b, cap: made.append((cap, new_cache(b, cap))) or made[-1][1]
     rows = greedy_rows(engine, prompt, 2, 45)
-    assert rows[0] == rows[1] == naive_generate(m, prompt, 45)
+    assert rows[0] == rows[1] == list(m.generate(prompt, 45, temperature=0))
     (_, prefill), (start, decode) = made
     assert start == 5 + 2 and decode.pos == 5 + 44 and decode.capacity >= 49   # grew to hold every fed token
 
@@ -208,12 +208,12 @@ def test_top_k_1_and_tiny_top_p_are_greedy(kw):
 
 
 def test_sampled_engine_equals_the_reference_sampler_with_the_same_seed():
-    "One row with seed s draws from the same generator stream as naive_generate(seed=s)."
+    "One row with seed s draws from the same generator stream as GPT.generate(seed=s)."
     m = tiny_model("mqa", seed=6)
     engine, prompt = Engine(m, TOK, tool=None), prompt_ids(6, seed=6)
     for kw in (dict(temperature=1.0), dict(temperature=0.8, top_k=20, top_p=0.9)):
         got = [col[0] for col, _ in engine.generate(prompt, max_tokens=30, seed=11, **kw)]
-        assert got == naive_generate(m, prompt, 30, seed=11, **kw)[:len(got)]
+        assert got == list(m.generate(prompt, 30, seed=11, **kw))[:len(got)]
         assert len(got) == 30 or got[-1] in engine.stop_ids             # a sampled stop token ends it early
 
 
@@ -422,7 +422,7 @@ def static_greedy(model, prompt, n, batch=1, prompt_rows=1):
 def test_static_decoder_equals_full_recompute(shape):
     m, prompt = tiny_model(shape, seed=1), prompt_ids(6, seed=2)
     cols, sd = static_greedy(m, prompt, 20, batch=3)
-    ref = naive_generate(m, prompt, 20, temperature=0)
+    ref = list(m.generate(prompt, 20, temperature=0))
     assert [c[0] for c in cols] == ref and all(c == [c[0]] * 3 for c in cols)   # every row copied from the prefill
     assert sd.cache.pos == len(prompt) + 20 and int(sd.pos) == sd.cache.pos
     with pytest.raises(RuntimeError, match="full"): sd.step(torch.zeros(3, dtype=torch.long))

@@ -3,8 +3,8 @@ import dataclasses, math
 import pytest, torch
 import torch.nn.functional as F
 from nanochat_lib.model import (GPT, GPTConfig, attention_flops_per_token, build_model, flops_per_token,
-                                param_count_formula, setup_optimizers, sliding_window_mask, training_plan)
-from nanochat_lib.optim import Muon
+                                param_count_formula, sliding_window_mask, training_plan)
+from nanochat_lib.optim import make_optimizers
 
 V, T = 96, 24
 
@@ -213,31 +213,14 @@ def test_meta_build_and_init_are_finite_and_deterministic():
     assert torch.isfinite(direct(tokens())).all() and not direct.blocks[0].mlp.c_proj.weight.any()
 
 
-# ---- optimizer groups and learning -------------------------------------------------------------
-
-def test_optimizer_groups_cover_every_parameter_once_with_scaled_lrs():
-    model = build_model(tiny(n_embd=64))
-    groups = model.optimizer_groups()
-    scale = (64 / 768) ** -0.5
-    adamw, muon = groups["adamw"], groups["muon"]
-    assert [g["name"] for g in adamw] == ["embedding", "unembedding"]
-    assert math.isclose(adamw[0]["lr"], 0.2 * scale) and math.isclose(adamw[1]["lr"], 0.004 * scale)
-    assert adamw[0]["betas"] == (0.8, 0.95) and adamw[0]["eps"] == 1e-10 and adamw[0]["weight_decay"] == 0.0
-    assert muon[0]["lr"] == 0.02 and muon[0]["momentum"] == 0.95
-    ids = [id(p) for g in adamw + muon for p in g["params"]]
-    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
-    assert all(p.dim() == 2 for g in muon for p in g["params"])
-    opts = setup_optimizers(model, matrix_lr=0.01)
-    assert isinstance(opts[0], torch.optim.AdamW) and isinstance(opts[1], Muon)
-    assert opts[1].param_groups[0]["lr"] == 0.01
-
+# ---- learning -------------------------------------------------------------
 
 def test_a_few_steps_memorise_a_repeated_sequence():
     torch.manual_seed(0)
     model = build_model(tiny())
     seq = torch.randint(0, V, (1, T + 1)).repeat(4, 1)
     x, y = seq[:, :-1], seq[:, 1:]
-    opts = setup_optimizers(model)
+    opts = make_optimizers(model, dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0))
     losses = []
     for _ in range(25):
         loss = model(x, y)

@@ -3,8 +3,11 @@ import math
 import pytest, torch
 from nanochat_lib.core import torchrun
 from nanochat_lib.model import GPTConfig, build_model
-from nanochat_lib.optim import (Muon, DistMuon, DistAdamW, build_optimizers, lr_multiplier, muon_momentum,
-                                newton_schulz, ns_polynomial, set_lr_multiplier, set_muon_momentum)
+from nanochat_lib import optim
+from nanochat_lib.optim import (Muon, DistMuon, DistAdamW, lr_multiplier, make_optimizers, muon_momentum,
+                                newton_schulz, ns_polynomial, param_groups, set_lr_multiplier, set_muon_momentum)
+
+RATES = dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0)
 
 
 def conditioned(rows, cols, cond=100.0, seed=0):
@@ -98,7 +101,7 @@ def test_muon_momentum_ramp():
 
 def test_schedule_helpers_set_groups_without_compounding():
     model = build_model(GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
-    opts = build_optimizers(model)
+    opts = make_optimizers(model, RATES)
     base = [g["initial_lr"] for o in opts for g in o.param_groups]
     set_lr_multiplier(opts, 0.5)
     set_lr_multiplier(opts, 0.5)
@@ -107,18 +110,43 @@ def test_schedule_helpers_set_groups_without_compounding():
     assert opts[1].param_groups[0]["momentum"] == 0.9 and "momentum" not in opts[0].param_groups[0]
 
 
-def test_build_optimizers_checks_coverage_and_process_group():
+def test_make_optimizers_checks_coverage_and_process_group(monkeypatch):
     model = build_model(GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
     with pytest.raises(RuntimeError, match="need a process group"):
-        build_optimizers(model, distributed=True)
-    full = model.optimizer_groups
-    def partial(**kw):
-        groups = full(**kw)
+        make_optimizers(model, RATES, distributed=True)
+    with pytest.raises(ValueError, match="fraction must be positive"):
+        make_optimizers(model, RATES, lr_frac=0.0)
+    full = optim.param_groups
+    def partial(*a, **kw):
+        groups = full(*a, **kw)
         groups["muon"][0]["params"] = groups["muon"][0]["params"][1:]
         return groups
-    model.optimizer_groups = partial
+    monkeypatch.setattr(optim, "param_groups", partial)
     with pytest.raises(ValueError, match=r"missing \['blocks.0.attn.c_q.weight'\]"):
-        build_optimizers(model)
+        make_optimizers(model, RATES)
+
+
+def test_lr_frac_scales_every_rate_of_the_profile():
+    model = build_model(GPTConfig(sequence_len=8, vocab_size=32, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    full, half = make_optimizers(model, RATES), make_optimizers(model, RATES, lr_frac=0.5)
+    assert [g["lr"] for o in half for g in o.param_groups] == pytest.approx([g["lr"] / 2 for o in full for g in o.param_groups])
+
+
+def test_param_groups_cover_every_parameter_once_with_scaled_lrs():
+    model = build_model(GPTConfig(sequence_len=24, vocab_size=96, n_layer=2, n_head=2, n_kv_head=2, n_embd=64))
+    groups = param_groups(model, 0.02, 0.2, 0.004, 0.0)
+    scale = (64 / 768) ** -0.5
+    adamw, muon = groups["adamw"], groups["muon"]
+    assert [g["name"] for g in adamw] == ["embedding", "unembedding"]
+    assert math.isclose(adamw[0]["lr"], 0.2 * scale) and math.isclose(adamw[1]["lr"], 0.004 * scale)
+    assert adamw[0]["betas"] == (0.8, 0.95) and adamw[0]["eps"] == 1e-10 and adamw[0]["weight_decay"] == 0.0
+    assert muon[0]["lr"] == 0.02 and muon[0]["momentum"] == 0.95
+    ids = [id(p) for g in adamw + muon for p in g["params"]]
+    assert sorted(ids) == sorted(id(p) for p in model.parameters()) and len(set(ids)) == len(ids)
+    assert all(p.dim() == 2 for g in muon for p in g["params"])
+    opts = make_optimizers(model, dict(matrix_lr=0.01, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0))
+    assert isinstance(opts[0], torch.optim.AdamW) and isinstance(opts[1], Muon)
+    assert opts[1].param_groups[0]["lr"] == 0.01
 
 
 def test_distributed_optimizers_equal_single_process_on_averaged_gradients():

@@ -3,7 +3,8 @@ import itertools, json, math
 import pytest, torch
 from nanochat_lib.engine import Engine, ScriptedModel, random_gpt
 from nanochat_lib.midtrain import pad_batch
-from nanochat_lib.model import GPTConfig, setup_optimizers
+from nanochat_lib.model import GPTConfig
+from nanochat_lib.optim import make_optimizers
 from nanochat_lib.model_io import load_model
 from nanochat_lib.rl import (Completion, evaluate_pass_k, group_advantages, pass_at_k, pg_loss, rl, rl_rows, rl_update,
                              rollout, token_logprobs)
@@ -104,7 +105,7 @@ def test_toy_rl_raises_the_mean_reward(tok):
     prompt = [tok.bos_id, *tok.encode("hello")]
     with torch.no_grad(): first = model(torch.tensor([prompt]))[0, -1].float().softmax(-1)
     target = int(first.topk(8).indices[5])
-    opts = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.02)
+    opts = make_optimizers(model, dict(matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.02, weight_decay=0.0))
     curve = []
     for step in range(16):
         out = rl_update(model, engine, opts, [prompt] * 4, lambda i, c: float(c.ids[0] == target),

@@ -389,7 +389,7 @@ def test_page_shows_a_refused_request(server, browser_page):
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 from openai import AuthenticationError
-from nanochat_lib.engine import sample_next_token, top_k_top_p
+from nanochat_lib.model import sample_next_token, top_k_top_p
 from nanochat_lib.server import (MAX_JSON_DEPTH, AccessPolicy, access_policy, check_port, host_name, json_depth,
                                  parse_json_body)
 

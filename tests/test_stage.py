@@ -3,7 +3,8 @@ import json, time
 import pytest, torch
 from nanochat_lib.checkpoint import latest_checkpoint, list_checkpoints, read_meta, save_checkpoint
 from nanochat_lib.core import DistInfo, load_profile
-from nanochat_lib.model import GPTConfig, build_model, setup_optimizers
+from nanochat_lib.model import GPTConfig, build_model
+from nanochat_lib.optim import make_optimizers
 from nanochat_lib.optim import lr_multiplier, set_lr_multiplier
 from nanochat_lib.stage import (Prefetcher, Stage, StageLog, every, grad_norm, group_names, plan_differences, read_jsonl,
                                 resume_mode, resume_point, snapshot, update_norms)
@@ -26,7 +27,7 @@ def toy_train(rdir, resume="auto", stop_at=None, steps=6, **cfg_kw):
     cfg = load_profile("tiny", {**dict(save_every=0, save_every_minutes=0, keep_checkpoints=2), **cfg_kw})
     torch.manual_seed(0)
     model = build_model(CONFIG)
-    opts = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    opts = make_optimizers(model, dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0))
     stage = Stage(cfg, rdir, "toy", DistInfo(), model, opts, plan=dict(config=vars(CONFIG), steps=steps), steps=steps,
                   resume=resume, stop_at=stop_at, state=dict(tokens=0))
     extras = stage.start()
@@ -157,7 +158,7 @@ def test_prefetcher_saves_the_position_before_the_batch_in_hand():
 def test_gradient_and_update_norms():
     torch.manual_seed(0)
     model = build_model(CONFIG)
-    opts = setup_optimizers(model, matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004)
+    opts = make_optimizers(model, dict(matrix_lr=0.02, embedding_lr=0.2, unembedding_lr=0.004, weight_decay=0.0))
     x, y = next(CountingLoader())
     model(x, y).backward()
     want = torch.sqrt(sum(p.grad.pow(2).sum() for p in model.parameters() if p.grad is not None))
