@@ -313,9 +313,9 @@ def resolve_run(run=None, phase: str = "sft") -> Path:
 # %% ../notebooks/05c_chat_protocol.ipynb #156517c7
 def serving_devices(cfg: dict) -> list:
     "The device of each worker: `serve_workers` of them (0 = one per GPU, one on a CPU), GPUs taken round-robin."
-    try: dev = get_device(cfg.get("device", "auto"))
+    try: dev = get_device(cfg["device"])
     except (ValueError, RuntimeError) as e: raise type(e)(f"device: {e}") from None
-    n = cfg.get("serve_workers", 0) or 0
+    n = cfg["serve_workers"]
     if isinstance(n, bool) or not isinstance(n, int) or n < 0:
         raise ValueError(f"serve_workers: must be an integer >= 0 (0 = one per GPU), got {n!r}")
     if dev.type == "cuda":

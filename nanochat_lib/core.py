@@ -277,12 +277,12 @@ def autocast_context(device):
 # %% ../notebooks/00_core.ipynb #b93d872a
 def check_device(cfg: dict) -> torch.device:
     "The profile's device if this machine has it (and a GPU for each of nproc_per_node processes); else a ConfigError."
-    pref = cfg.get("device", "auto")
+    pref = cfg["device"]
     try: device = get_device(pref)
     except RuntimeError:
         raise ConfigError("device", f"{pref!r} was asked for but this machine has no such device (torch sees none); "
                                     "use --set device=cpu, or a profile made for this machine") from None
-    n, nproc = torch.cuda.device_count(), cfg.get("nproc_per_node", 1)
+    n, nproc = torch.cuda.device_count(), cfg["nproc_per_node"]
     if device.type == "cuda" and nproc > n:
         raise ConfigError("nproc_per_node", f"{nproc} processes need {nproc} GPUs, but torch sees {n}; "
                                             f"use --set nproc_per_node={n}")
@@ -384,15 +384,15 @@ class LaunchError(RuntimeError):
 
 def torchrun_command(module: str, args=(), cfg=None) -> list:
     "The command line that runs `python -m nanochat_lib.<module> args` under torchrun, shaped by the profile."
-    cfg = cfg or {}
-    nproc, nnodes = cfg.get("nproc_per_node", 1), cfg.get("nnodes", 1)
+    cfg = load_profile() if cfg is None else cfg     # no profile: the default one's launch settings
+    nproc, nnodes = cfg["nproc_per_node"], cfg["nnodes"]
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
     if nnodes > 1:
-        endpoint = cfg.get("rdzv_endpoint") or ""
+        endpoint = cfg["rdzv_endpoint"]
         if not endpoint:
             raise ValueError(f"nnodes={nnodes} needs rdzv_endpoint=host:port of node 0 (--set rdzv_endpoint=...)")
-        cmd += [f"--nnodes={nnodes}", f"--node_rank={cfg.get('node_rank', 0)}",
-                f"--rdzv_backend={cfg.get('rdzv_backend') or 'c10d'}", f"--rdzv_endpoint={endpoint}"]
+        cmd += [f"--nnodes={nnodes}", f"--node_rank={cfg['node_rank']}",
+                f"--rdzv_backend={cfg['rdzv_backend']}", f"--rdzv_endpoint={endpoint}"]
     else:
         cmd += ["--standalone", "--nnodes=1"]
     mod = module if module.startswith("nanochat_lib.") else f"nanochat_lib.{module}"
@@ -401,10 +401,11 @@ def torchrun_command(module: str, args=(), cfg=None) -> list:
 
 def torchrun(module: str, args=(), cfg=None, log_path=None, env=None, tail_lines: int = 40) -> str:
     "Run a training module under torchrun, stream its output here, keep a log; raise `LaunchError` on failure."
+    cfg = load_profile() if cfg is None else cfg
     cmd = torchrun_command(module, args, cfg)
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     # One thread per process unless asked: N processes each grabbing every core thrash the CPU.
-    if (cfg or {}).get("nproc_per_node", 1) > 1: full_env.setdefault("OMP_NUM_THREADS", "1")
+    if cfg["nproc_per_node"] > 1: full_env.setdefault("OMP_NUM_THREADS", "1")
     tail = collections.deque(maxlen=tail_lines)
     log = open(log_path, "w") if log_path else None
     print("$", " ".join(cmd), flush=True)

@@ -453,11 +453,11 @@ CORPORA = ("offline", "online")   # online: the FineWeb-EDU shards
 
 def ensure_corpus(cfg: dict, verify: bool = False) -> Path:
     "Build or download the pretraining corpus the profile `cfg` asks for; returns the shard folder. `verify` hashes FineWeb shards too."
-    kind = cfg.get("corpus", "offline")
+    kind = cfg["corpus"]   # a profile from load_profile: typed, every key present, settings.ini's defaults filled in
     if kind == "offline":  # always verified: its shards are small
-        return build_offline_corpus(cfg.get("offline_sources", "wiki,django"), int(cfg.get("offline_shard_chars", 1_000_000)))
+        return build_offline_corpus(cfg["offline_sources"], cfg["offline_shard_chars"])
     if kind == "online":
-        return download_fineweb(int(cfg.get("fineweb_shards", 8)), workers=int(cfg.get("download_workers", 4)), verify=verify)
+        return download_fineweb(cfg["fineweb_shards"], workers=cfg["download_workers"], verify=verify)
     raise ValueError(f"unknown corpus {kind!r}; valid: {', '.join(CORPORA)} (e.g. --set corpus=offline)")
 
 def main(argv=None):

@@ -200,21 +200,21 @@ def test_device_selection():
 
 
 def test_torchrun_command_single_and_multi_node():
-    cmd = torchrun_command("pretrain", ["--depth", 4], {"nproc_per_node": 2, "nnodes": 1})
+    cmd = torchrun_command("pretrain", ["--depth", 4], load_profile("tiny", {"nproc_per_node": 2}))
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--nproc_per_node=2" in cmd and "--standalone" in cmd
     assert cmd[-5:] == ["-m", "nanochat_lib.pretrain", "--", "--depth", "4"]
-    multi = torchrun_command("nanochat_lib.sft", [], dict(nproc_per_node=8, nnodes=2, node_rank=1,
-                                                          rdzv_endpoint="node0:29500", rdzv_backend="c10d"))
+    multi = torchrun_command("nanochat_lib.sft", [], load_profile("tiny", dict(nproc_per_node=8, nnodes=2, node_rank=1,
+                                                          rdzv_endpoint="node0:29500", rdzv_backend="c10d")))
     assert {"--nnodes=2", "--node_rank=1", "--rdzv_endpoint=node0:29500", "--rdzv_backend=c10d"} <= set(multi)
     assert "--standalone" not in multi and multi[-2:] == ["nanochat_lib.sft", "--"]
     with pytest.raises(ValueError, match="rdzv_endpoint"):
-        torchrun_command("x", [], {"nnodes": 2})
+        torchrun_command("x", [], {**load_profile("tiny"), "nnodes": 2})
 
 
 def test_torchrun_launches_two_gloo_ranks(tmp_path, capsys):
     log = tmp_path / "log.txt"
-    out = torchrun("core", [], {"nproc_per_node": 2}, log_path=log, env={"NANOCHAT_DEVICE": "cpu"})
+    out = torchrun("core", [], load_profile("tiny", {"nproc_per_node": 2}), log_path=log, env={"NANOCHAT_DEVICE": "cpu"})
     assert "world_size=2 sum_of_ranks=1" in out
     assert "world_size=2 sum_of_ranks=1" in capsys.readouterr().out  # streamed into the caller's output
     assert "sum_of_ranks=1" in log.read_text()
@@ -222,7 +222,7 @@ def test_torchrun_launches_two_gloo_ranks(tmp_path, capsys):
 
 def test_torchrun_failure_raises_with_log_tail(tmp_path):
     with pytest.raises(LaunchError) as e:
-        torchrun("no_such_module_xyz", [], {"nproc_per_node": 1}, log_path=tmp_path / "log.txt")
+        torchrun("no_such_module_xyz", [], None, log_path=tmp_path / "log.txt")
     assert "exited with code" in str(e.value) and "No module named" in str(e.value)
     assert str(tmp_path / "log.txt") in str(e.value)
 
@@ -236,7 +236,7 @@ def test_dist_setup_without_torchrun_is_a_world_of_one(monkeypatch):
 
 def test_trainer_options_reach_the_module_not_torchrun(tmp_path):
     "torchrun would take `--run` for its own `--run-path`: everything after the module must reach the module."
-    out = torchrun("core", ["--run", "x", "--nproc_per_node", "3"], {"nproc_per_node": 1}, env={"NANOCHAT_DEVICE": "cpu"})
+    out = torchrun("core", ["--run", "x", "--nproc_per_node", "3"], None, env={"NANOCHAT_DEVICE": "cpu"})
     assert "world_size=1 sum_of_ranks=0" in out
 
 
@@ -249,6 +249,8 @@ def test_every_setting_is_explained_and_used():
     code = "\n".join(p.read_text() for p in [*(root / "nanochat_lib").glob("*.py"), root / "run_all.py"]
                      if p.name != "_modidx.py")
     code += "\n".join(p.read_text() for p in (root / "notebooks").glob("*.ipynb"))
+    from nanochat_lib.chat_protocol import ServeLimits
+    by_field = {f"serve_{k}" for k in ServeLimits.__dataclass_fields__}   # ServeLimits.from_cfg reads serve_<field>
     prev_comment = False
     for line in lines[start + 1:end]:
         if line.startswith("#"): prev_comment = True; continue
@@ -257,7 +259,7 @@ def test_every_setting_is_explained_and_used():
         # a key belongs to the comment above it, or to a group of keys right under one comment
         assert prev_comment, f"settings.ini: {key} has no comment above it"
         # read as cfg["key"] (in notebooks the quotes are JSON-escaped) or passed by name
-        assert re.search(rf"""["']{re.escape(key)}\\?["']""", code), f"settings.ini: no code reads {key}"
+        assert key in by_field or re.search(rf"""["']{re.escape(key)}\\?["']""", code), f"settings.ini: no code reads {key}"
     cp = configparser.ConfigParser(); cp.read(root / "settings.ini")
     for section in cp.sections():                          # profiles only set keys that DEFAULT explains
         extra = set(cp[section]) - set(cp.defaults())

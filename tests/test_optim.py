@@ -1,7 +1,7 @@
 "Muon, the sharded optimizers and the schedules of notebooks/03b_optim.ipynb."
 import math
 import pytest, torch
-from nanochat_lib.core import torchrun
+from nanochat_lib.core import load_profile, torchrun
 from nanochat_lib.model import GPTConfig, build_model
 from nanochat_lib import optim
 from nanochat_lib.optim import (Muon, DistMuon, DistAdamW, lr_multiplier, make_optimizers, muon_momentum,
@@ -151,7 +151,7 @@ def test_param_groups_cover_every_parameter_once_with_scaled_lrs():
 
 def test_distributed_optimizers_equal_single_process_on_averaged_gradients():
     "2 gloo ranks under torchrun: DistAdamW + DistMuon vs AdamW + Muon on the mean gradient (rtol 1e-5, atol 1e-6)."
-    out = torchrun("optim", ["--steps", 3], {"nproc_per_node": 2})
+    out = torchrun("optim", ["--steps", 3], load_profile("tiny", {"nproc_per_node": 2}))
     lines = [l for l in out.splitlines() if l.startswith("dist_check ok")]
     assert len(lines) == 2, out          # rows split evenly (sharded AdamW) and not (all-reduce fallback)
     assert "vocab=32" in lines[0] and "vocab=33" in lines[1]

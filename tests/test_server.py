@@ -15,6 +15,7 @@ from openai import OpenAI
 from browserkit import browser_page  # noqa: F401 (a fixture)
 from chatkit import make_run
 from servekit import EchoModel, expected_reply
+from nanochat_lib.core import load_profile
 from nanochat_lib.engine import Engine
 from nanochat_lib.chat_protocol import (RequestError, ServeLimits, assistant_parts_from_text, latest_run,
                                         parse_chat_request, prompt_ids, resolve_run, serving_devices)
@@ -291,9 +292,9 @@ def test_latest_run_and_resolve_run(runs_tmp):
 
 
 def test_serving_devices():
-    assert serving_devices({"device": "cpu", "serve_workers": 0}) == [torch.device("cpu")]
-    assert serving_devices({"device": "cpu", "serve_workers": 3}) == [torch.device("cpu")] * 3
-    with pytest.raises(ValueError): serving_devices({"device": "cpu", "serve_workers": -1})
+    assert serving_devices({**load_profile("tiny"), "serve_workers": 0}) == [torch.device("cpu")]
+    assert serving_devices({**load_profile("tiny"), "serve_workers": 3}) == [torch.device("cpu")] * 3
+    with pytest.raises(ValueError): serving_devices({**load_profile("tiny"), "serve_workers": -1})
 
 
 def free_port() -> int:
