@@ -1,5 +1,5 @@
 # The course in two commands:  make course  (set up + run the tiny course)  and  make test.
-# While editing: make check (the fast tier: Rust tests + pytest without the course and the browser).
+# While editing: make check (the fast tier: Rust tests + pytest without the course, the browser and the slow integration tests).
 # Every target bootstraps what it needs; a second run only redoes what changed.
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -13,7 +13,7 @@ RUST_SRC := $(wildcard rustbpe/src/*.rs) rustbpe/Cargo.toml rustbpe/Cargo.lock r
 help:
 	@echo "make course   set up .venv and run the whole course headless (PROFILE=$(PROFILE))"
 	@echo "make test     set up .venv and run the whole test suite (the tiny course and the browser tests included)"
-	@echo "make check    the fast tier while editing: Rust tests + pytest without the course and the browser tests"
+	@echo "make check    the fast tier while editing: Rust tests + pytest without the course, browser and slow tests (< 5 min)"
 	@echo "make lab      open JupyterLab on notebooks/"
 	@echo "make export   regenerate nanochat_lib/ from the notebooks (nbdev-export) and clean them"
 	@echo "make bench    tokenizer benchmark: ours vs rustbpe vs HF tokenizers"
@@ -53,7 +53,7 @@ test: setup browser
 # Markers (pyproject.toml): `course` runs the tiny course end to end, `browser` drives Chromium, `site` builds the course site.
 check: setup
 	cargo test -q --manifest-path rustbpe/Cargo.toml
-	$(PY) -m pytest -q -m "not course and not browser and not site"
+	$(PY) -m pytest -q -m "not course and not browser and not site and not slow"
 
 lab: setup
 	$(VENV)/bin/jupyter lab notebooks/

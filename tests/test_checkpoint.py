@@ -369,6 +369,7 @@ def _nodes_main(rank, world, root, port):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_multi_node_checkpoints_with_and_without_shared_storage(tmp_path):
     import socket
     with socket.socket() as s:

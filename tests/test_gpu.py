@@ -119,12 +119,14 @@ linux = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="m
 @pytest.mark.parametrize("config,batch,seq,dtype", [(SMALL, 8, 256, "float32"), (SMALL, 8, 256, "bfloat16"),
                                                     (dataclasses.replace(SMALL, window=64), 8, 256, "bfloat16"),
                                                     (GPTConfig.from_depth(3, 8192, 512, head_dim=64), 4, 512, "float32")])
+@pytest.mark.slow
 def test_eager_estimate_matches_measured_peak_within_15_percent(config, batch, seq, dtype):
     est = bench.memory_estimate(config, batch, seq, getattr(torch, dtype), compiled=False)["above_state"]
     got = bench.measure_step_memory(config, batch, seq, dtype)
     assert abs(est / got - 1) < 0.15, (est / 2**20, got / 2**20)
 
 
+@pytest.mark.slow
 def test_trace_extrapolates_in_depth_and_compiled_saves_less():
     deep = dataclasses.replace(SMALL, n_layer=3)
     for compiled in (False, True):
@@ -158,6 +160,7 @@ def test_every_gpu_profile_fits_an_80gb_gpu_with_headroom(name):
     assert "fits a 80 GB GPU" in bench.memory_line(r)
 
 
+@pytest.mark.slow
 def test_memory_command_speedrun_fits_and_batch_32_does_not(capsys):
     bench.main(["memory", "--profile", "speedrun"])
     out = capsys.readouterr().out
@@ -188,6 +191,7 @@ def test_bench_train_measures_the_trainers_configuration():
     assert bench.trainer_mode(load_profile("tiny", {"compile": True}), "cpu") == (torch.float32, True)
 
 
+@pytest.mark.slow
 def test_gpu_smoke_cpu_rows(capsys):
     rows = bench.gpu_smoke("cpu", only="abcde", log=lambda s: None)
     got = {r["row"]: r for r in rows}

@@ -149,6 +149,7 @@ def test_param_groups_cover_every_parameter_once_with_scaled_lrs():
     assert opts[1].param_groups[0]["lr"] == 0.01
 
 
+@pytest.mark.slow
 def test_distributed_optimizers_equal_single_process_on_averaged_gradients():
     "2 gloo ranks under torchrun: DistAdamW + DistMuon vs AdamW + Muon on the mean gradient (rtol 1e-5, atol 1e-6)."
     out = torchrun("optim", ["--steps", 3], load_profile("tiny", {"nproc_per_node": 2}))

@@ -36,6 +36,7 @@ def losses(rdir):
     return [json.loads(l) for l in (rdir / "metrics" / "base_train.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_resume_gives_the_losses_of_an_uninterrupted_run(setup):
     shards, rdir = setup
     straight = pretrain(tiny_cfg(), rdir, shard_dir=shards)
@@ -53,6 +54,7 @@ def test_resume_gives_the_losses_of_an_uninterrupted_run(setup):
     assert read_meta(latest_checkpoint(rdir / "checkpoints" / "base"))["step"] == 6
 
 
+@pytest.mark.slow
 def test_training_learns_and_reports(setup):
     shards, rdir = setup
     s = pretrain(tiny_cfg(num_iterations=30, eval_every=0, matrix_lr=0.04), rdir, shard_dir=shards)
@@ -147,6 +149,7 @@ run_stage(partial(P.pretrain, shard_dir=os.environ["SHARDS"]), "trainer", "tiny 
 """
 
 
+@pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_and_matches_an_uninterrupted_run(setup, tmp_path):
     "A trainer under torchrun is killed (-9) after a mid-run checkpoint; the same command, run again, resumes from it."
     shards, rdir = setup

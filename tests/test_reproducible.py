@@ -64,6 +64,7 @@ def build(inputs, hash_seed: str) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_mixtures_and_mid_batches_do_not_depend_on_the_hash_seed(inputs):
     runs = [build(inputs, seed) for seed in ("1", "2", "random")]
     assert runs[0] == runs[1] == runs[2]

@@ -97,6 +97,7 @@ def test_a_gpu_profile_plans_on_a_cpu_but_does_not_run(nbdir, runs_tmp, capsys):
     assert counts(runs_tmp, "g") == {}
 
 
+@pytest.mark.slow
 def test_runs_in_order_resumes_and_forces(nbdir, runs_tmp):
     assert run_all.main(["--profile", "tiny", "--name", "r1", "--set", "tok_vocab_size=512"]) == 0
     assert counts(runs_tmp, "r1") == {"first": 1, "second": 1, "companion": 1}
@@ -122,6 +123,7 @@ def lines(capsys) -> dict:
     return {l.split()[1].rstrip(":"): l for l in capsys.readouterr().out.splitlines() if l.startswith("[")}
 
 
+@pytest.mark.slow
 def test_edited_notebook_code_reruns_it_and_those_after_it(nbdir, runs_tmp, capsys):
     assert exit_code(["--profile", "tiny", "--name", "e"]) == 0
     capsys.readouterr()
@@ -141,6 +143,7 @@ def test_edited_notebook_code_reruns_it_and_those_after_it(nbdir, runs_tmp, caps
     assert seen["01b_companion"].endswith("(an earlier notebook's code changed)")
 
 
+@pytest.mark.slow
 def test_edited_settings_rerun_and_say_what_changed(nbdir, runs_tmp, capsys, monkeypatch, tmp_path):
     ini = tmp_path / "settings.ini"
     ini.write_text((core.repo_root() / "settings.ini").read_text())

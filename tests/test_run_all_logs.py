@@ -44,6 +44,7 @@ def test_kernels_run_over_ipc_and_the_log_has_no_tcp_warning(one_stage, capfd):
     assert "[1/1] 00_stage" in out and "report:" in out
 
 
+@pytest.mark.slow
 def test_report_summary_goes_to_the_tracker(one_stage, tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb", reason="wandb is missing: `make setup` installs it (dev pulls in the tracking extra)")
     for k, v in dict(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_CONSOLE="off", WANDB_SILENT="true").items():

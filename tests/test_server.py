@@ -624,6 +624,7 @@ def fast_server():
 
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=REQUEST.map(lambda b: json.dumps(b).encode()) | DEEP | st.binary(max_size=64))
+@pytest.mark.slow
 def test_no_request_body_gets_a_5xx(fast_server, body):
     r = post_raw(fast_server.url, body)
     assert r.status_code < 500, (r.status_code, r.text[:200])

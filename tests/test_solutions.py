@@ -1,4 +1,5 @@
 "notebooks/solutions.ipynb: the worked solutions of the exercises run top to bottom on a CPU, with no trained run."
+import pytest
 import json, os, subprocess, sys
 from pathlib import Path
 
@@ -11,6 +12,7 @@ def kernel_name() -> str:
     return kernel_name()
 
 
+@pytest.mark.slow
 def test_solutions_notebook_runs(tmp_path):
     nb_path = ROOT / "notebooks" / "solutions.ipynb"
     nb = json.loads(nb_path.read_text())
