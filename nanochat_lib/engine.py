@@ -212,7 +212,7 @@ class Engine:
 
 # %% ../notebooks/05b_engine.ipynb #2d561d78
 @patch
-def _check_prompt(self: Engine, tokens) -> list:
+def check_prompt(self: Engine, tokens) -> list:
     "The prompt as a list of ids, or a clear error."
     if isinstance(tokens, torch.Tensor): tokens = tokens.flatten().tolist()
     if isinstance(tokens, str) or not tokens:
@@ -244,7 +244,7 @@ def _check_budget(self: Engine, n_prompt: int, max_tokens) -> int:
     return max_tokens
 
 @patch
-def _new_cache(self: Engine, batch: int, capacity: int) -> KVCache:
+def new_cache(self: Engine, batch: int, capacity: int) -> KVCache:
     "An empty cache for `batch` rows in the engine's compute dtype."
     return KVCache.for_model(self.model, batch, capacity, dtype=self.dtype, device=self.device)
 
@@ -256,7 +256,7 @@ def _forward(self: Engine, idx: torch.Tensor, cache: KVCache) -> torch.Tensor:
 
 # %% ../notebooks/05b_engine.ipynb #f50fed42
 @patch
-def _next_for_row(self: Engine, row: RowState, sampled: int) -> tuple:
+def next_for_row(self: Engine, row: RowState, sampled: int) -> tuple:
     "The token `row` emits this step and its mask bit (1 sampled, 0 forced), updating the row's tool and stop state."
     if row.done: return row.stop, 0
     token, mask = (row.forced.popleft(), 0) if row.forced else (sampled, 1)
@@ -276,7 +276,7 @@ def _next_for_row(self: Engine, row: RowState, sampled: int) -> tuple:
 def generate(self: Engine, tokens, num_samples: int = 1, max_tokens: int = None, temperature: float = 1.0,
              top_k: int = None, top_p: float = None, seed=42):
     "Yield, per step, (each row's next token, each row's mask bit: 1 sampled, 0 forced); rows stop at <|assistant_end|>/<|bos|>."
-    tokens = self._check_prompt(tokens)
+    tokens = self.check_prompt(tokens)
     max_tokens = self._check_budget(len(tokens), max_tokens)
     check_sampling(temperature, top_k, top_p)
     if not (isinstance(num_samples, int) and num_samples >= 1):
@@ -284,11 +284,11 @@ def generate(self: Engine, tokens, num_samples: int = 1, max_tokens: int = None,
     seeds = row_seeds(seed, num_samples)
     generators = [torch.Generator(device=self.device).manual_seed(s) for s in seeds]
     # 1. Prefill: the prompt once, batch 1.
-    prompt_cache = self._new_cache(1, len(tokens))
+    prompt_cache = self.new_cache(1, len(tokens))
     logits = self._forward(torch.tensor([tokens], device=self.device), prompt_cache)
     # 2. Copy it into every row; the rows' first tokens are drawn from copies of the same logits.
     ahead = max_tokens if self.prealloc_tokens is None else min(max_tokens, self.prealloc_tokens)
-    cache = self._new_cache(num_samples, len(tokens) + ahead)
+    cache = self.new_cache(num_samples, len(tokens) + ahead)
     cache.prefill(prompt_cache)
     del prompt_cache
     logits = logits.expand(num_samples, -1)
@@ -296,7 +296,7 @@ def generate(self: Engine, tokens, num_samples: int = 1, max_tokens: int = None,
     # 3. Decode: sample, apply each row's state machine, yield, feed the column back.
     for step in range(max_tokens):
         sampled = sample_rows(logits, generators, temperature, top_k, top_p)
-        column, masks = map(list, zip(*(self._next_for_row(row, s) for row, s in zip(rows, sampled))))
+        column, masks = map(list, zip(*(self.next_for_row(row, s) for row, s in zip(rows, sampled))))
         yield column, masks
         if step == max_tokens - 1 or all(row.done for row in rows): return
         logits = self._forward(torch.tensor(column, device=self.device)[:, None], cache)
@@ -305,7 +305,7 @@ def generate(self: Engine, tokens, num_samples: int = 1, max_tokens: int = None,
 def generate_batch(self: Engine, tokens, num_samples: int = 1, include_stop: bool = False, **kwargs) -> tuple:
     "`num_samples` completions of `tokens`: (sequences = prompt + generated tokens; masks, 0 on the prompt)."
     # The stop token is left out unless `include_stop` (RL trains on it: ending the turn is part of the answer).
-    tokens = self._check_prompt(tokens)
+    tokens = self.check_prompt(tokens)
     seqs = [list(tokens) for _ in range(num_samples)]
     masks = [[0] * len(tokens) for _ in range(num_samples)]
     finished = [False] * num_samples

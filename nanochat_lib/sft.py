@@ -157,14 +157,14 @@ from .model import rms_norm
 def greedy_replies(engine, prompts, max_tokens: int) -> list:
     "Greedy replies to many different `prompts` at once, with the engine's calculator: [(ids without the stop token, ended with <|assistant_end|>), ...]."
     model, dev, B = engine.model, engine.device, len(prompts)
-    prompts = [engine._check_prompt(p) for p in prompts]
+    prompts = [engine.check_prompt(p) for p in prompts]
     P = max(map(len, prompts))
     if P + max_tokens > model.rope_len:
         raise ValueError(f"the longest prompt ({P}) + max_tokens ({max_tokens}) is past the rotary tables ({model.rope_len})")
     pad = engine.tokenizer.bos_id
     idx = torch.tensor([[pad] * (P - len(p)) + p for p in prompts], device=dev)     # left-padded: all rows end at P-1
     real = torch.tensor([[False] * (P - len(p)) + [True] * len(p) for p in prompts], device=dev)
-    cache = engine._new_cache(B, P + max_tokens)
+    cache = engine.new_cache(B, P + max_tokens)
     rows, out = [RowState() for _ in prompts], [[] for _ in prompts]
     end = engine.tokenizer.encode_special("<|assistant_end|>")
     amp = autocast_context(dev) if engine.autocast else contextlib.nullcontext()
@@ -183,7 +183,7 @@ def greedy_replies(engine, prompts, max_tokens: int) -> list:
             logits = model.head(x[:, -1])[:, :engine.vocab_size]
         column = []
         for i, (row, best) in enumerate(zip(rows, logits.argmax(-1).tolist())):
-            token, _ = engine._next_for_row(row, best)                # forced tool output, or the greedy token
+            token, _ = engine.next_for_row(row, best)                # forced tool output, or the greedy token
             if not row.done: out[i].append(token)
             column.append(token)
         if all(r.done for r in rows): break

@@ -154,8 +154,8 @@ def test_generation_longer_than_the_preallocated_cache():
     prompt = prompt_ids(5, seed=4)
     engine = Engine(m, TOK, tool=None, prealloc_tokens=2)
     made = []                                                  # (capacity when made, cache): prefill, then decode
-    new_cache = engine._new_cache
-    engine._new_cache = lambda b, cap: made.append((cap, new_cache(b, cap))) or made[-1][1]
+    new_cache = engine.new_cache
+    engine.new_cache = lambda b, cap: made.append((cap, new_cache(b, cap))) or made[-1][1]
     rows = greedy_rows(engine, prompt, 2, 45)
     assert rows[0] == rows[1] == list(m.generate(prompt, 45, temperature=0))
     (_, prefill), (start, decode) = made
@@ -323,7 +323,7 @@ def test_row_state_machine_directly():
     engine = scripted([0])
     row = RowState()
     ps, pe = SP("<|python_start|>"), SP("<|python_end|>")
-    out = [engine._next_for_row(row, t) for t in [ps, *enc("6/4"), pe, 0, 0, 0, 0, 0]]
+    out = [engine.next_for_row(row, t) for t in [ps, *enc("6/4"), pe, 0, 0, 0, 0, 0]]
     assert out[:5] == [(t, 1) for t in [ps, *enc("6/4"), pe]]
     assert [t for t, _ in out[5:]] == [SP("<|output_start|>"), *enc("1.5"), SP("<|output_end|>")]
     assert [m for _, m in out[5:]] == [0] * 5 and not row.done
