@@ -640,7 +640,7 @@ SMOKE_WORDS = "the cat sat on a mat while dogs ran past the red house and birds 
 # Losses after a resume on CUDA may differ in the low bits: Inductor's embedding backward and flash attention's
 # backward add with atomics, in no fixed order. On a CPU they must be equal.
 SMOKE_RESUME_ATOL = {"cuda": 1e-2, "cpu": 0.0}
-SMOKE_MEMORY_TOL = 0.15          # measured peak vs the estimate of section 6
+SMOKE_MEMORY_TOL = 0.15          # measured peak vs memory_estimate's (eager) prediction
 SMOKE_NEAR_TIE = 0.05            # greedy decodes may part only where the top two logits are this close
 
 def smoke_data(root) -> tuple:

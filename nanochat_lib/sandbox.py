@@ -58,7 +58,7 @@ def sandbox_user():
     return uid, gid
 
 def _child_setup(limits: list, user, view=None):
-    "The function the child runs between fork and exec: a private view (`view` = (places, workdir), section 2.3), "
+    "The function the child runs between fork and exec: a private view (`view` = (places, workdir): the writable places hidden), "
     "the limits, then stop being root."
     libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None  # loaded before fork
     def setup():
