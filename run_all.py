@@ -40,7 +40,7 @@ def course_notebooks() -> list:
 
 
 def select(nbs, start=None, only=None) -> list:
-    "Notebooks from `start` on, or only those whose name starts with `only` ('06' also takes 06b)."
+    "Notebooks from `start` on, or only those whose name starts with `only` ('05' also takes 05b, 05c and 05d)."
     names = [p.name for p in nbs]
     for flag, val in (("--from", start), ("--only", only)):
         if val and not any(n.startswith(val) for n in names):
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override one profile setting (repeatable)")
     ap.add_argument("--from", dest="start", metavar="NN", help="start at notebook NN (e.g. 04)")
-    ap.add_argument("--only", metavar="NN", help="run only notebook NN and its companions (e.g. 06 runs 06 and 06b)")
+    ap.add_argument("--only", metavar="NN", help="run only notebook NN and its companions (e.g. 05 runs 05, 05b, 05c and 05d)")
     ap.add_argument("--force", action="store_true", help="re-run notebooks that already finished")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     ap.add_argument("--log-output", action="store_true", help="stream every cell's output to this terminal")

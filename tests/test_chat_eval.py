@@ -115,6 +115,20 @@ def test_summary_names_subsets_and_stand_ins():
     assert "subset" in metrics["ChatCORE problems"] and "ChatCORE" in table
 
 
+def test_recorded_counts_reads_a_record_back():
+    "recorded_counts recovers each task's (correct, problems) from a recorded evaluation, in CHANCE_LEVELS order."
+    from nanochat_lib.chat_eval import CHANCE_LEVELS, recorded_counts
+    res = {n: dict(kind="categorical" if b else "generative", available=100, problems=40, correct=k,
+                   **({"checked": 0} if b else {"samples": 40, "ended": 30}))
+           for k, (n, b) in enumerate(CHATCORE_BASELINES.items())}
+    res["WordProblems"] = dict(kind="generative", available=200, problems=40, correct=31, samples=40, ended=40)
+    metrics, table, summary = summarize(res, "mid")
+    got = recorded_counts(dict(metrics=metrics))
+    assert list(got) == [n for n in CHANCE_LEVELS if n in res]
+    assert got == {n: (r["correct"], r["problems"]) for n, r in res.items()}
+    assert recorded_counts(dict(metrics={})) == {}
+
+
 def test_load_model_and_the_cli_path(run):
     rdir, tok = run
     model, tok2, meta = load_model(rdir, "sft")
