@@ -123,7 +123,9 @@ def fetch_url(url: str, dest, sha256: Optional[str] = None, *, retries: int = 5,
     raise FetchError(f"could not fetch {url} -> {dest} after {retries + 1} attempts; last problem: {last}")
 
 # %% ../notebooks/00b_fetch.ipynb #ca972e40
-_UMASK = os.umask(0); os.umask(_UMASK)  # read once: the umask can only be read by setting it
+def _sibling(path: Path, kind: str) -> Path:
+    "A fresh hidden name next to `path` for a temporary file or folder (unique per process and call)."
+    return path.with_name(f".{path.name}.{kind}-{os.getpid()}-{os.urandom(4).hex()}")
 
 @contextlib.contextmanager
 def atomic_writer(path, mode: str = "w"):
@@ -131,12 +133,12 @@ def atomic_writer(path, mode: str = "w"):
     if mode not in ("w", "wb"): raise ValueError(f"atomic_writer writes whole files: mode must be 'w' or 'wb', got {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = _sibling(path, "tmp")
     try:
-        with os.fdopen(fd, mode, **({"encoding": "utf-8"} if mode == "w" else {})) as f:
+        # "x": created here, never an existing file, with the usual permissions (0666 less the umask)
+        with open(tmp, mode.replace("w", "x"), **({"encoding": "utf-8"} if mode == "w" else {})) as f:
             yield f
             f.flush(); os.fsync(f.fileno())   # on disk before the rename makes it visible
-        os.chmod(tmp, 0o666 & ~_UMASK)         # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -174,9 +176,9 @@ def publish_dir(dest, keep: Optional[Callable] = None):
     "Yield a temporary sibling folder of `dest` to build in; swap it in when the block succeeds, remove it when it fails. An existing `dest` with `keep(dest)` true is kept."
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+    tmp = _sibling(dest, "tmp")
+    tmp.mkdir()                              # 0777 less the umask, like any folder (mkdtemp's would be private)
     try:
-        tmp.chmod(0o777 & ~_UMASK)           # mkdtemp makes it private; the published folder is not
         yield tmp
         if keep is not None and dest.exists() and keep(dest): return   # a racing build finished first
         try: swap_in_dir(tmp, dest)
